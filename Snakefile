@@ -1,0 +1,20 @@
+# llavaflow: the life of a LLaVA model as one DAG. Targets: results/finetune/final.pth, all.
+# Real recipe:  snakemake --cores all
+# Tiny preset:  snakemake --cores all --configfile config/tiny.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/assets.smk"
+include: "rules/train.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/finetune/final.pth",

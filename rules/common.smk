@@ -1,0 +1,57 @@
+# Shared helpers: config validation, recipes, code hashes, launchers. No rules here.
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+LLAVAFLOW_SRC = Path(workflow.basedir) / "workflow"
+sys.path.insert(0, str(LLAVAFLOW_SRC))
+
+from llavaflow.config import ConfigError, stage_recipe, validate_config
+
+try:
+    validate_config(config, Path(workflow.basedir) / "config" / "schema.yaml")
+except ConfigError as e:
+    raise ValueError(f"invalid configuration:\n{e}") from None
+
+# PYTHONPATH survives conda activation here, so rule scripts import the checkout's llavaflow.
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={LLAVAFLOW_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+TINY = config["preset"] == "tiny"
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+
+
+def code_hash(*parts):
+    """First 12 hex digits of the sha256 of the named llavaflow modules/packages (rerun on real edits only)."""
+    h = hashlib.sha256()
+    for part in parts:
+        path = LLAVAFLOW_SRC / "llavaflow" / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(LLAVAFLOW_SRC)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+TRAIN_CODE = code_hash("train", "model", "data", "template.py", "constants.py")
+
+
+def recipe_json(stage):
+    return json.dumps(stage_recipe(config, stage).to_dict(), sort_keys=True)
+
+
+def world_size(stage):
+    return config[stage]["nodes"] * config[stage]["gpus_per_node"]
+
+
+def training_inputs(stage):
+    """The stage's data and base models: built by build_tiny_assets, or downloaded (real preset)."""
+    inputs = {"data": "results/tiny" if TINY else config["data"][stage]["root"]}
+    if stage == "finetune":
+        inputs["init"] = "results/pretrain/final.pth"
+    return inputs
+
+
+def torchrun(stage):
+    """Single-node launcher; ranks come from config (they set the global batch), not from resources."""
+    return f"torchrun --standalone --nproc_per_node {config[stage]['gpus_per_node']}"

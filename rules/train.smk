@@ -1,0 +1,52 @@
+# Training stages. Only final.pth is declared: resume state lives in the undeclared work_dir, which
+# Snakemake never deletes, so a rerun of a killed job resumes from its newest iter_N.pth.
+
+
+rule pretrain:
+    input:
+        **training_inputs("pretrain"),
+    output:
+        directory("results/pretrain/final.pth"),
+    log:
+        "results/logs/pretrain.log",
+    benchmark:
+        "results/benchmarks/pretrain.tsv"
+    params:
+        recipe=recipe_json("pretrain"),
+        world=world_size("pretrain"),
+        code=TRAIN_CODE,
+        launcher=torchrun("pretrain"),
+    threads: 4
+    resources:
+        gpu=config["pretrain"]["gpus_per_node"],
+        nodes=config["pretrain"]["nodes"],
+        mem_mb=64000,
+        runtime=24 * 60,
+    shell:
+        "{params.launcher} {SCRIPTS}/train.py --recipe {params.recipe:q}"
+        " --work-dir results/pretrain/work_dir --output {output} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        **training_inputs("finetune"),
+    output:
+        directory("results/finetune/final.pth"),
+    log:
+        "results/logs/finetune.log",
+    benchmark:
+        "results/benchmarks/finetune.tsv"
+    params:
+        recipe=recipe_json("finetune"),
+        world=world_size("finetune"),
+        code=TRAIN_CODE,
+        launcher=torchrun("finetune"),
+    threads: 4
+    resources:
+        gpu=config["finetune"]["gpus_per_node"],
+        nodes=config["finetune"]["nodes"],
+        mem_mb=128000,
+        runtime=72 * 60,
+    shell:
+        "{params.launcher} {SCRIPTS}/train.py --recipe {params.recipe:q}"
+        " --work-dir results/finetune/work_dir --output {output} > {log} 2>&1"

@@ -1,0 +1,89 @@
+"""The config schema: both shipped configs validate; bad keys and types are named in the error."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run
+from llavaflow.config import ConfigError, stage_recipe, validate_config
+
+SCHEMA = ROOT / "config" / "schema.yaml"
+
+
+def load(name):
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml"])
+def test_shipped_configs_validate(name):
+    validate_config(load(name), SCHEMA)
+
+
+def test_real_config_is_the_reference_recipe():
+    c = validate_config(load("config.yaml"), SCHEMA)
+    assert c["model"]["llm"] == "microsoft/Phi-3-mini-4k-instruct"
+    assert c["model"]["visual_encoder"] == "openai/clip-vit-large-patch14-336"
+    assert c["model"]["max_length"] == int(4096 - (336 / 14) ** 2) == 3520
+    pre, ft = c["pretrain"], c["finetune"]
+    assert (pre["micro_batch_size"], pre["accumulative_counts"], pre["lr"], pre["epochs"]) == (16, 2, 1e-3, 1)
+    assert (ft["micro_batch_size"], ft["accumulative_counts"], ft["lr"], ft["epochs"]) == (8, 2, 2e-5, 2)
+    assert pre["train"] == ["projector"] and set(ft["train"]) == {"llm", "visual_encoder", "projector"}
+    assert (pre["pad_image_to_square"], ft["pad_image_to_square"]) == (False, True)
+    assert (pre["sampler"], ft["sampler"]) == ("shuffle", "length_grouped")
+    assert pre["micro_batch_size"] * pre["accumulative_counts"] * pre["gpus_per_node"] == 256
+    assert ft["micro_batch_size"] * ft["accumulative_counts"] * ft["gpus_per_node"] == 128
+    assert len(c["data"]["finetune"]["datasets"]) == 9
+    assert c["mmbench"]["datasets"] == ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "MMBench_TEST_CN", "CCBench"]
+
+
+def test_defaults_are_filled():
+    c = load("tiny.yaml")
+    c["finetune"].pop("eps", None)
+    validate_config(c, SCHEMA)
+    assert c["finetune"]["eps"] == 1e-8
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["pretrain"].update(lrr=1), "config key pretrain: unknown key(s) ['lrr']"),
+    (lambda c: c["finetune"].update(lr="fast"), "config key finetune.lr: expected number, got 'fast'"),
+    (lambda c: c["model"].update(max_length=1.5), "config key model.max_length: expected integer"),
+    (lambda c: c["finetune"].update(train=["llm", "vit"]), "config key finetune.train.1"),
+    (lambda c: c["pretrain"].update(nodes=0), "config key pretrain.nodes"),
+    (lambda c: c.update(extra=1), "config key <top level>: unknown key(s) ['extra']"),
+    (lambda c: c["mmbench"].update(datasets=["MMBench_DEV_XX"]), "config key mmbench.datasets.0"),
+])
+def test_bad_config_names_the_key(mutate, expected):
+    c = copy.deepcopy(load("config.yaml"))
+    mutate(c)
+    with pytest.raises(ConfigError) as e:
+        validate_config(c, SCHEMA)
+    assert expected in str(e.value)
+
+
+def test_stage_recipe_resolves_paths_and_chains_stages():
+    c = validate_config(load("config.yaml"), SCHEMA)
+    pre, ft = stage_recipe(c, "pretrain"), stage_recipe(c, "finetune")
+    assert pre.init_from is None and ft.init_from == "results/pretrain/final.pth"
+    assert ft.datasets[3] == {"annotation": "results/data/finetune/internvl_sft/dvqa_train_200k.jsonl",
+                              "image_folder": "results/data/finetune/internvl_sft/data/dvqa"}
+    # Volatile keys do not change the fingerprint; semantic keys and the world size do.
+    import dataclasses
+    assert pre.fingerprint(8) == dataclasses.replace(pre, num_workers=1, save_steps=7).fingerprint(8)
+    assert pre.fingerprint(8) != dataclasses.replace(pre, lr=2e-3).fingerprint(8)
+    assert pre.fingerprint(8) != pre.fingerprint(4)
+
+
+def test_snakemake_stops_before_any_job_on_a_bad_key(tmp_path):
+    bad = load("tiny.yaml")
+    bad["finetune"]["lr"] = "fast"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(bad))
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),
+                "--directory", str(tmp_path), "--configfile", str(cfg)], check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "config key finetune.lr: expected number, got 'fast'" in out
+    assert "Job stats" not in out  # stopped while parsing, before any job was scheduled

@@ -1,0 +1,128 @@
+"""The tiny preset's assets: loadable with the Auto classes, Phi-3's token layout, readable data."""
+
+import filecmp
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from llavaflow.constants import PHI3_ADDED_TOKENS
+from llavaflow.data.dataset import LlavaDataset, read_annotations
+from llavaflow.data.images import ImageTransform, open_image
+from llavaflow.eval.mmbench_data import image_bytes, option_letters, options, read_benchmark
+from llavaflow.template import PHI3_CHAT
+
+from conftest import TINY_DATASETS
+
+
+def test_tokenizer_has_phi3_layout(tiny, tokenizer):
+    assert (tiny["llm"] / "tokenizer.model").is_file()
+    import sentencepiece as spm
+
+    base = spm.SentencePieceProcessor(model_file=str(tiny["llm"] / "tokenizer.model")).get_piece_size()
+    ids = tokenizer.convert_tokens_to_ids(list(PHI3_ADDED_TOKENS))
+    assert ids == list(range(base, base + len(PHI3_ADDED_TOKENS)))  # same order, right after the base vocab
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert tokenizer.bos_token_id == 1
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+    for token in ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>"):
+        enc = tokenizer.encode(token, add_special_tokens=False)
+        assert enc == [tokenizer.convert_tokens_to_ids(token)], token
+    # The template's special tokens stay single ids inside text, and the newline after them is kept.
+    ids = tokenizer.encode("<|user|>\nhi<|end|>\n<|assistant|>\n", add_special_tokens=True)
+    assert ids[:2] == [1, tokenizer.convert_tokens_to_ids("<|user|>")]
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in ids and tokenizer.convert_tokens_to_ids("<|assistant|>") in ids
+    assert tokenizer.decode(ids, skip_special_tokens=False).count("\n") == 3
+
+
+def test_models_load_with_auto_classes_and_round_trip(tiny, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny["llm"])
+    assert type(llm).__name__ == "Phi3ForCausalLM"
+    tok = AutoTokenizer.from_pretrained(tiny["llm"])
+    assert llm.config.vocab_size % 64 == 0 and llm.config.vocab_size > len(tok)  # free rows, as in Phi-3
+    assert llm.config.num_key_value_heads < llm.config.num_attention_heads  # GQA, to exercise converters
+    assert llm.generation_config.eos_token_id == tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+    vit = CLIPVisionModel.from_pretrained(tiny["vit"])
+    assert type(AutoModel.from_pretrained(tiny["vit"])).__name__ == "CLIPVisionModel"
+    proc = AutoImageProcessor.from_pretrained(tiny["vit"])
+    assert proc.crop_size == {"height": vit.config.image_size, "width": vit.config.image_size}
+    assert vit.config.patch_size == 14
+
+    x = torch.tensor([[1, 5, 7, 9]])
+    pixels = torch.randn(1, 3, vit.config.image_size, vit.config.image_size)
+    llm.save_pretrained(tmp_path / "llm")
+    vit.save_pretrained(tmp_path / "vit")
+    with torch.no_grad():
+        assert torch.equal(llm(x).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "llm")(x).logits)
+        assert torch.equal(vit(pixels).last_hidden_state,
+                           CLIPVisionModel.from_pretrained(tmp_path / "vit")(pixels).last_hidden_state)
+    tok.save_pretrained(tmp_path / "tok")
+    text = "<|user|>\nWhat colour are the shapes?<|end|>\n<|assistant|>\nRed.<|end|>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").encode(text) == tok.encode(text)
+
+
+def test_training_data_parses_with_pipeline_readers(tiny, tokenizer):
+    from transformers import CLIPImageProcessor
+
+    pre, bad = read_annotations(tiny["data"] / "pretrain" / "captions.json")
+    ft, bad2 = read_annotations(tiny["data"] / "finetune" / "conversations.jsonl")
+    assert bad == bad2 == 0 and len(pre) >= 100 and len(ft) >= 300
+    assert any(r.image is None for r in ft), "fine-tune data must hold text-only samples"
+    assert any(len(r.conversations) >= 4 for r in ft), "fine-tune data must hold multi-turn samples"
+    suffixes = {r.image.rsplit(".", 1)[1] for r in ft if r.image}
+    assert suffixes == {"png", "jpg"}
+    sizes = {open_image(tiny["data"] / "finetune" / r.image).size for r in ft[:60] if r.image}
+    assert len(sizes) > 2 and any(w != h for w, h in sizes)  # mixed sizes and aspect ratios
+
+    transform = ImageTransform(CLIPImageProcessor.from_pretrained(tiny["vit"]), pad_to_square=True)
+    for stage, name in (("pretrain", "captions.json"), ("finetune", "conversations.jsonl")):
+        ds = LlavaDataset([{"annotation": str(tiny["data"] / stage / name), "image_folder": str(tiny["data"] / stage)}],
+                          tokenizer, PHI3_CHAT, transform, max_length=512)
+        assert len(ds) == len(pre if stage == "pretrain" else ft)
+        item = ds[0]
+        assert item["pixel_values"].shape == (3, 56, 56)
+
+
+@pytest.mark.parametrize("dataset", TINY_DATASETS)
+def test_benchmark_tsvs_have_the_real_layout(tiny, dataset):
+    df = read_benchmark(tiny["mmbench"] / f"{dataset}.tsv")
+    header = (tiny["mmbench"] / f"{dataset}.tsv").read_text().split("\n", 1)[0].split("\t")
+    if dataset == "CCBench":
+        assert header == ["index", "question", "A", "B", "C", "D", "answer", "category", "image", "source"]
+    elif "TEST" in dataset:
+        assert header == ["index", "question", "hint", "A", "B", "C", "D", "category", "image", "source",
+                          "l2-category", "comment", "split"]
+    else:
+        assert header == ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+                          "l2-category", "comment", "split"]
+    main = df[df["index"] < 1_000_000]
+    assert 40 <= len(main) <= 60
+    letters = option_letters(df)
+    counts = set()
+    for idx, row in df.iterrows():
+        opts = options(row, letters)
+        counts.add(len(opts))
+        # circular copies: one per option, pointing at the main row's picture
+        g = idx % 1_000_000
+        assert len(df[df["index"] % 1_000_000 == g]) == len(options(df.loc[g], letters))
+        if idx != g:
+            assert row["image"] == str(g)
+        open_image(image_bytes(df, idx))
+        if "answer" in df.columns:
+            assert row["answer"] in opts
+    assert counts >= {2, 3, 4}
+    if dataset.endswith("_CN"):
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in df["question"].iloc[0])
+
+
+def test_build_is_deterministic(tiny, tmp_path):
+    from llavaflow.tiny import build_tiny_assets
+
+    build_tiny_assets(tmp_path / "assets", tmp_path / "mmbench", ["MMBench_DEV_EN"], seed=0)
+    for rel in ("llm/tokenizer.model", "llm/tokenizer.json", "llm/model.safetensors", "vit/model.safetensors",
+                "data/finetune/conversations.jsonl", "data/pretrain/captions.json"):
+        assert filecmp.cmp(tiny["root"] / "assets" / rel, tmp_path / "assets" / rel, shallow=False), rel
+    assert filecmp.cmp(tiny["mmbench"] / "MMBench_DEV_EN.tsv", tmp_path / "mmbench" / "MMBench_DEV_EN.tsv", shallow=False)

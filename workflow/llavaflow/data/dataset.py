@@ -1,0 +1,179 @@
+"""LLaVA JSON / JSONL datasets: read, tokenise, and load images in __getitem__ (worker processes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from ..template import PromptTemplate
+from .conversation import ConversationError, encode_turns, llava_turns
+from .images import ImageError, ImageTransform, open_image
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Record:
+    """One annotation entry, with where it came from so errors can name it."""
+
+    source: str
+    line: int  # 1-based line in a JSONL file, or 1-based position in a JSON list
+    id: str
+    image: str | None
+    conversations: list
+
+    @property
+    def where(self) -> str:
+        unit = "line" if self.source.endswith(".jsonl") else "entry"
+        return f"{self.source} {unit} {self.line} (id {self.id})"
+
+
+def _record(obj, source: str, line: int) -> Record:
+    if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+        raise DataError(f"{source}:{line}: expected an object with a 'conversations' list")
+    image = obj.get("image")
+    if image is not None and not isinstance(image, str):
+        raise DataError(f"{source}:{line}: 'image' must be a relative path string, got {image!r}")
+    return Record(source, line, str(obj.get("id", line)), image, obj["conversations"])
+
+
+def read_annotations(path: str | Path, on_error: str = "error") -> tuple[list[Record], int]:
+    """Read a LLaVA .json list or a .jsonl file; returns (records, number of malformed entries skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    records, skipped = [], 0
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(_record(json.loads(line), str(path), n))
+                except (json.JSONDecodeError, DataError) as e:
+                    if on_error != "skip":
+                        raise DataError(f"{path}:{n}: malformed JSON line: {e}") from None
+                    skipped += 1
+                    log.warning("skipping %s:%d: %s", path, n, e)
+        return records, skipped
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a LLaVA .json annotation file must hold a list of samples")
+    for n, obj in enumerate(data, 1):
+        try:
+            records.append(_record(obj, str(path), n))
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            skipped += 1
+            log.warning("skipping %s", e)
+    return records, skipped
+
+
+@dataclass
+class Sample:
+    record: Record
+    image_path: Path | None
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def modality_length(self) -> int:
+        """xtuner's length: len(input_ids), negated for text-only samples."""
+        return len(self.input_ids) if self.image_path is not None else -len(self.input_ids)
+
+
+class LlavaDataset(Dataset):
+    """Samples from one or more (annotation, image_folder) sources, tokenised up front."""
+
+    def __init__(
+        self,
+        sources: list[dict],
+        tokenizer,
+        template: PromptTemplate,
+        transform: ImageTransform,
+        max_length: int,
+        on_bad_sample: str = "error",
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.transform = transform
+        self.on_bad_sample = on_bad_sample
+        self.samples: list[Sample] = []
+        self.skipped = {"malformed": 0, "missing_image": 0, "no_label": 0}
+        for src in sources:
+            records, bad = read_annotations(src["annotation"], on_bad_sample)
+            self.skipped["malformed"] += bad
+            folder = Path(src.get("image_folder") or ".")
+            for rec in records:
+                sample = self._prepare(rec, folder, tokenizer, template, max_length)
+                if sample is not None:
+                    self.samples.append(sample)
+        if not self.samples:
+            raise DataError(f"no usable samples in {[s['annotation'] for s in sources]}")
+        if any(self.skipped.values()):
+            log.warning("skipped samples: %s", self.skipped)
+
+    def _prepare(self, rec: Record, folder: Path, tokenizer, template, max_length) -> Sample | None:
+        image_path = None
+        if rec.image is not None:
+            image_path = folder / rec.image
+            if not image_path.is_file():
+                return self._bad(rec, "missing_image", f"image {image_path} not found")
+        try:
+            turns = llava_turns(rec.conversations)
+            if image_path is None and any(DEFAULT_IMAGE_TOKEN in t.input for t in turns):
+                raise ConversationError(f"{DEFAULT_IMAGE_TOKEN} in a sample without an image")
+            input_ids, labels = encode_turns(turns, tokenizer, template, max_length)
+        except ConversationError as e:
+            return self._bad(rec, "malformed", str(e))
+        if all(label == IGNORE_INDEX for label in labels):
+            self.skipped["no_label"] += 1  # xtuner drops these silently too
+            return None
+        return Sample(rec, image_path, input_ids, labels)
+
+    def _bad(self, rec: Record, kind: str, why: str) -> None:
+        if self.on_bad_sample != "skip":
+            raise DataError(f"{rec.where}: {why}")
+        self.skipped[kind] += 1
+        log.warning("skipping %s: %s", rec.where, why)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return [s.modality_length for s in self.samples]
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.samples[idx]
+        if sample.image_path is None:
+            pixel_values = self.transform.blank()
+        else:
+            try:
+                pixel_values = self.transform(open_image(sample.image_path))
+            except ImageError as e:
+                if self.on_bad_sample != "skip":
+                    raise DataError(f"{sample.record.where}: {e}") from None
+                # A corrupt file found only now: use the next sample so batch shapes stay fixed.
+                log.warning("replacing %s (unreadable image: %s)", sample.record.where, e)
+                return self[(idx + 1) % len(self)]
+        return {
+            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+            "labels": torch.tensor(sample.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+        }

@@ -1,0 +1,90 @@
+"""Image loading and preprocessing, identical for training, chat and evaluation (recipe §5)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    pass
+
+
+def to_rgb(img: Image.Image, source: str) -> Image.Image:
+    """Convert any PIL mode to RGB; 16-bit and alpha modes need care that convert() alone lacks."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit greyscale: scale to 8 bits; convert("L") would clip nearly every pixel to white.
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white, as a viewer would show it; convert("RGB") would expose hidden colours.
+        img = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, (255, 255, 255))
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"{source}: cannot convert image mode {img.mode} to RGB: {e}") from e
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open a path or raw bytes as an RGB image, with an error that names the file."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: image file not found") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read image: {e}") from e
+    with fp:
+        try:
+            img = Image.open(fp)
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: not a readable image ({e})") from e
+    return to_rgb(img, name)
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of side max(w, h) (LLaVA/xtuner expand2square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def background_colour(image_processor) -> tuple[int, int, int]:
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+class ImageTransform:
+    """RGB image -> CLIP pixel_values, optionally padded to a square with the mean colour first."""
+
+    def __init__(self, image_processor, pad_to_square: bool):
+        self.image_processor = image_processor
+        self.pad_to_square = pad_to_square
+        self.background = background_colour(image_processor)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        size = self.image_processor.crop_size
+        return size["height"], size["width"]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.pad_to_square:
+            img = expand2square(img, self.background)
+        return self.image_processor.preprocess(img, return_tensors="pt")["pixel_values"][0]
+
+    def blank(self) -> torch.Tensor:
+        """The zero image that text-only samples carry, so every sample has one image slot."""
+        return torch.zeros(3, *self.crop_size)

@@ -1,0 +1,111 @@
+"""The LLaVA module: vision tower + projector + causal LM, image features spliced into placeholders."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODEL_PARTS
+
+
+class LlavaModel(nn.Module):
+    """xtuner's LLaVAModel without mmengine: `llm`, `visual_encoder`, `projector` sub-modules.
+
+    state_dict() holds only the trainable parts (xtuner's filter), so checkpoints of a stage carry
+    exactly what that stage changed: `projector.*` after pretrain, everything after fine-tune.
+    """
+
+    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: nn.Module, visual_select_layer: int = -2):
+        super().__init__()
+        self.llm = llm
+        self.visual_encoder = visual_encoder
+        self.projector = projector
+        self.visual_select_layer = visual_select_layer
+        self.trainable_parts: tuple[str, ...] = MODEL_PARTS
+
+    # --- which parts train -------------------------------------------------------------------
+    def set_trainable(self, parts) -> None:
+        unknown = set(parts) - set(MODEL_PARTS)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; known: {list(MODEL_PARTS)}")
+        self.trainable_parts = tuple(p for p in MODEL_PARTS if p in parts)
+        for name in MODEL_PARTS:
+            getattr(self, name).requires_grad_(name in self.trainable_parts)
+
+    def enable_gradient_checkpointing(self) -> None:
+        # As xtuner: inputs must require grad so checkpointed frozen blocks still pass gradients on.
+        for name in MODEL_PARTS:
+            module = getattr(self, name)
+            module.enable_input_require_grads()
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm.config.use_cache = False
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        keep = tuple(f"{prefix}{p}." for p in self.trainable_parts)
+        return type(full)((k, v) for k, v in full.items() if k.startswith(keep))
+
+    # --- forward -----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, patches, llm_hidden]: hidden layer `visual_select_layer`, CLS dropped."""
+        vit_dtype = next(self.visual_encoder.parameters()).dtype
+        out = self.visual_encoder(pixel_values.to(vit_dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.visual_select_layer][:, 1:]
+        return self.projector(feats)
+
+    def splice(self, input_ids, attention_mask, labels, image_features):
+        """Replace each -200 with its image's feature rows; returns right-padded embeds/mask/labels/pos.
+
+        Every sample owns one image slot (text-only samples carry a blank image whose features are
+        kept in the graph as an empty slice, as in xtuner, so all ranks use all parameters).
+        """
+        embed = self.llm.get_input_embeddings()
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        n_placeholders = (input_ids == IMAGE_TOKEN_INDEX).logical_and(attention_mask.bool()).sum(dim=1)
+        if image_features is None:
+            if n_placeholders.any():
+                raise ValueError(f"{int(n_placeholders.sum())} image placeholders in the text but no images given")
+        elif image_features.shape[0] != batch:
+            raise ValueError(f"got {image_features.shape[0]} images for a batch of {batch} samples (one slot each)")
+        if (n_placeholders > 1).any():
+            raise ValueError(f"a sample holds {int(n_placeholders.max())} image placeholders; one image per sample is supported")
+
+        rows_e, rows_l = [], []
+        for i in range(batch):
+            keep = attention_mask[i].bool()
+            ids = input_ids[i][keep]
+            lab = labels[i][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            pos = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+            text = embed(ids.clamp(min=0))
+            if not pos:
+                pieces = [text] + ([image_features[i][:0]] if image_features is not None else [])
+                rows_e.append(torch.cat(pieces))
+                rows_l.append(lab)
+                continue
+            p = pos[0]
+            feats = image_features[i].to(text.dtype)
+            rows_e.append(torch.cat([text[:p], feats, text[p + 1 :]]))
+            rows_l.append(torch.cat([lab[:p], lab.new_full((feats.shape[0],), IGNORE_INDEX), lab[p + 1 :]]))
+
+        width = max(r.shape[0] for r in rows_e)
+        hidden = rows_e[0].shape[1]
+        embeds = rows_e[0].new_zeros((batch, width, hidden))
+        new_labels = input_ids.new_full((batch, width), IGNORE_INDEX)
+        mask = torch.zeros((batch, width), dtype=torch.bool, device=input_ids.device)
+        for i, (e, lab) in enumerate(zip(rows_e, rows_l)):
+            n = e.shape[0]
+            embeds[i, :n] = e
+            new_labels[i, :n] = lab
+            mask[i, :n] = True
+        position_ids = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+        return embeds, mask, (new_labels if labels is not None else None), position_ids
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, **llm_kwargs):
+        feats = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeds, mask, labels, position_ids = self.splice(input_ids, attention_mask, labels, feats)
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels, **llm_kwargs
+        )

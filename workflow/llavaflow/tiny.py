@@ -1,0 +1,279 @@
+"""The embedded tiny preset: a tiny Phi-3, a tiny CLIP, a Phi-3-layout tokenizer and learnable data.
+
+Everything is built from a fixed seed in seconds on a CPU. The data is about pictures of coloured
+shapes (colour, shape, count, side), written in the real formats: LLaVA JSON captions for pretrain,
+JSONL conversations for fine-tune, MMBench/CCBench TSVs with base64 images and circular copies.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from .constants import PHI3_ADDED_TOKENS
+from .eval.prompt import mcq_text
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = {1: "one", 2: "two", 3: "three"}
+SIDES = ("left", "right")
+CN = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "circle": "圆形", "square": "正方形",
+      "triangle": "三角形", "left": "左边", "right": "右边", "one": "一个", "two": "两个", "three": "三个"}
+SIZES = ((64, 48), (48, 64), (56, 56), (80, 60), (60, 80), (72, 40))
+
+# Question kinds: (English question, Chinese question, answer vocabulary, MMBench category, L2 category).
+KINDS = {
+    "colour": ("What colour are the shapes?", "图中形状是什么颜色？", tuple(COLOURS), "attribute_recognition",
+               "finegrained_perception (instance-level)"),
+    "shape": ("What shape is shown?", "图中是什么形状？", SHAPES, "image_topic", "coarse_perception"),
+    "count": ("How many shapes are there?", "图中有几个形状？", tuple(COUNTS.values()), "image_quality",
+              "coarse_perception"),
+    "side": ("On which side are the shapes?", "形状在哪一边？", SIDES, "spatial_relationship",
+             "relation_reasoning"),
+}
+CCBENCH_CATEGORIES = ("calligraphy_painting", "cultural_relic", "food_clothes", "historical_figure")
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    count: int
+    side: str
+    size: tuple[int, int]
+
+    def answer(self, kind: str) -> str:
+        return {"colour": self.colour, "shape": self.shape, "count": COUNTS[self.count], "side": self.side}[kind]
+
+    def caption(self) -> str:
+        plural = "s" if self.count > 1 else ""
+        return f"{COUNTS[self.count].capitalize()} {self.colour} {self.shape}{plural} on the {self.side}."
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3), rng.choice(SIDES), rng.choice(SIZES))
+
+
+def draw(scene: Scene, rng: random.Random) -> Image.Image:
+    w, h = scene.size
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    r = max(3, min(w // 5, h // (2 * scene.count + 2)) - 1)
+    x0 = 0 if scene.side == "left" else w // 2
+    for k in range(scene.count):
+        cx = x0 + w // 4 + rng.randint(-2, 2)
+        cy = int(h * (k + 1) / (scene.count + 1)) + rng.randint(-1, 1)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLOURS[scene.colour]
+        if scene.shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif scene.shape == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def _save_image(img: Image.Image, path: Path, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def _options(rng: random.Random, kind: str, answer: str, n: int | None = None) -> list[str]:
+    vocab = list(KINDS[kind][2])
+    n = n or len(vocab)
+    others = [v for v in vocab if v != answer]
+    rng.shuffle(others)
+    opts = [answer] + others[: n - 1]
+    rng.shuffle(opts)
+    return opts
+
+
+def _letters(opts: list[str]) -> dict[str, str]:
+    return {chr(ord("A") + i): o for i, o in enumerate(opts)}
+
+
+def _cn(word: str) -> str:
+    return CN[word]
+
+
+def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) -> list[str]:
+    """Write pretrain (JSON) and fine-tune (JSONL) data under root; returns all text, for the tokenizer."""
+    rng = random.Random(seed)
+    texts: list[str] = []
+    pretrain = []
+    for i in range(n_pretrain):
+        scene = random_scene(rng)
+        fmt = "PNG" if i % 2 else "JPEG"
+        rel = f"images/pt_{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        _save_image(draw(scene, rng), root / "pretrain" / rel, fmt)
+        human = rng.choice(["<image>\nDescribe the image briefly.", "Write a short caption.\n<image>", "<image>"])
+        pretrain.append({"id": f"pt{i}", "image": rel, "conversations": [
+            {"from": "human", "value": human}, {"from": "gpt", "value": scene.caption()}]})
+        texts.append(scene.caption())
+    (root / "pretrain").mkdir(parents=True, exist_ok=True)
+    (root / "pretrain" / "captions.json").write_text(json.dumps(pretrain, indent=1))
+
+    lines = []
+    for i in range(n_finetune):
+        if i % 10 == 9:  # text-only samples
+            a, b = rng.sample(list(COLOURS), 2)
+            conv = [{"from": "human", "value": f"Name a colour other than {a}."}, {"from": "gpt", "value": f"{b.capitalize()}."}]
+            lines.append({"id": i, "conversations": conv})
+            texts += [c["value"] for c in conv]
+            continue
+        scene = random_scene(rng)
+        fmt = "PNG" if i % 3 else "JPEG"
+        rel = f"images/ft_{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        _save_image(draw(scene, rng), root / "finetune" / rel, fmt)
+        conv = []
+        kinds = rng.sample(list(KINDS), rng.randint(1, 3))
+        for t, kind in enumerate(kinds):
+            q_en, q_cn = KINDS[kind][:2]
+            answer = scene.answer(kind)
+            chinese = rng.random() < 0.3
+            if rng.random() < 0.6:  # multiple choice, in the evaluation's prompt format
+                opts = _options(rng, kind, answer, rng.randint(2, len(KINDS[kind][2])))
+                shown = [_cn(o) for o in opts] if chinese else opts
+                letters = _letters(shown)
+                q = mcq_text(q_cn if chinese else q_en, letters)
+                a = "ABCDE"[opts.index(answer)]
+            else:
+                q, a = (q_cn, _cn(answer)) if chinese else (q_en, answer.capitalize() + ".")
+            if t == 0:
+                q = "<image>\n" + q
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+            texts += [q, a]
+        lines.append({"id": i, "image": rel, "conversations": conv})
+    with open(root / "finetune" / "conversations.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return texts
+
+
+def _b64(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def make_mmbench_tsv(path: Path, dataset: str, n_questions: int, seed: int) -> None:
+    """A TSV in MMBench/CCBench layout: main rows + circular copies whose image points at the main row."""
+    rng = random.Random(seed)
+    chinese = dataset.endswith("_CN")
+    ccbench = dataset == "CCBench"
+    test = "_TEST_" in dataset
+    rows = []
+    for q in range(n_questions):
+        g = 100 + 7 * q  # non-contiguous indices, as in the real files
+        scene = random_scene(rng)
+        kind = list(KINDS)[q % len(KINDS)]
+        q_en, q_cn, _, category, l2 = KINDS[kind]
+        answer = scene.answer(kind)
+        opts = _options(rng, kind, answer, min(len(KINDS[kind][2]), 4))
+        img = draw(scene, rng)
+        if q % 5 == 4:
+            img = img.convert("RGBA")  # the RGBA PNG case
+        image = _b64(img, "PNG" if q % 2 or img.mode == "RGBA" else "JPEG")
+        hint = "Look at the picture.\nThen answer." if (q % 4 == 3 and not ccbench) else None
+        for k in range(len(opts)):
+            shifted = opts[k:] + opts[:k]
+            shown = [_cn(o) for o in shifted] if chinese else shifted
+            row = {"index": k * 1_000_000 + g, "question": q_cn if chinese else q_en}
+            if not ccbench:
+                row["hint"] = hint
+            row.update({L: (shown[i] if i < len(shown) else None) for i, L in enumerate("ABCD")})
+            if not test:
+                row["answer"] = "ABCD"[shifted.index(answer)]
+            row["category"] = CCBENCH_CATEGORIES[q % 4] if ccbench else category
+            row["image"] = image if k == 0 else str(g)
+            row["source"] = "synthetic"
+            if not ccbench:
+                row.update({"l2-category": l2, "comment": None, "split": "test" if test else "dev"})
+            rows.append(row)
+    rng.shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+
+
+def build_tokenizer(out: Path, texts: list[str], seed: int):
+    """A SentencePiece BPE with byte fallback (Llama/Phi-3 style) + Phi-3's added tokens after it."""
+    import sentencepiece as spm
+    from transformers import AddedToken, AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()  # in memory: a model_prefix path would be recorded in the file
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=700, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096,
+        "padding_side": "left", "clean_up_tokenization_spaces": False}))
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=False, lstrip=False) for t in PHI3_ADDED_TOKENS])
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    tok.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def build_llm(out: Path, tokenizer, seed: int):
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    rows = math.ceil((len(tokenizer) + 2) / 64) * 64  # Phi-3 style: rows padded to 64, free rows at the end
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = Phi3Config(
+        vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=4096,
+        sliding_window=2047, rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = Phi3ForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[ids("<|endoftext|>"), ids("<|assistant|>"), ids("<|end|>")])
+    model.save_pretrained(out)
+    return model
+
+
+def build_vision(out: Path, seed: int):
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    model = CLIPVisionModel(cfg)
+    model.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(out)
+    return model
+
+
+def build_tiny_assets(out: Path, mmbench_dir: Path, datasets: list[str], seed: int = 0,
+                      n_pretrain: int = 400, n_finetune: int = 1200, n_questions: int = 48) -> None:
+    """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    texts = make_training_data(out / "data", n_pretrain, n_finetune, seed)
+    for name in datasets:
+        make_mmbench_tsv(Path(mmbench_dir) / f"{name}.tsv", name, n_questions, seed + 1 + len(name))
+    corpus = texts + [CN[k] for k in CN] + [mcq_text(q, {"A": "x"}) for kinds in KINDS.values() for q in kinds[:2]]
+    tokenizer = build_tokenizer(out / "llm", corpus, seed)
+    build_llm(out / "llm", tokenizer, seed)
+    build_vision(out / "vit", seed)

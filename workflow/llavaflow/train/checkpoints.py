@@ -1,0 +1,81 @@
+"""Resume state in an undeclared work dir: fingerprint, lock, iter_N.pth rotation, atomic publish."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
+
+
+def list_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in work_dir.glob("iter_*.pth") if (m := ITER_RE.match(p.name))]
+    return sorted(found)
+
+
+def newest_checkpoint(work_dir: Path) -> tuple[int, Path] | None:
+    done = [(n, p) for n, p in list_checkpoints(work_dir) if (p / "complete").exists()]
+    return done[-1] if done else None
+
+
+def prune_checkpoints(work_dir: Path, keep: int) -> None:
+    done = [p for _, p in list_checkpoints(work_dir) if (p / "complete").exists()]
+    for p in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_work_dir(work_dir: Path, fingerprint: dict) -> None:
+    """Keep a work dir whose fingerprint matches; move any other aside, so a config change starts fresh."""
+    fp_file = work_dir / "fingerprint.json"
+    if work_dir.exists():
+        old = json.loads(fp_file.read_text()) if fp_file.exists() else None
+        if old == fingerprint:
+            return
+        if any(work_dir.iterdir()):
+            aside = work_dir.with_name(f"{work_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(work_dir, aside)
+            print(f"work dir {work_dir} belonged to another configuration; moved to {aside}", flush=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+
+
+class WorkDirLock:
+    """An exclusive flock, so two jobs never train into the same work dir."""
+
+    def __init__(self, work_dir: Path):
+        self.path = work_dir.with_name(work_dir.name + ".lock")
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = open(self.path, "w")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.path} is locked: another job is training into this work dir") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.fd.close()
+
+
+def publish(checkpoint: Path, output: Path, extra_files: list[Path] = ()) -> None:
+    """Hard-link (or copy) a finished checkpoint to `output` through a temporary sibling + rename."""
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in list(checkpoint.iterdir()) + list(extra_files):
+        if f.name == "complete":
+            continue
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)

@@ -1,0 +1,60 @@
+"""A training stage's recipe: every value that changes the result, read from the pipeline config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stage: str
+    llm: str
+    visual_encoder: str
+    datasets: list  # [{annotation, image_folder}]
+    train: list  # model parts that train: llm, visual_encoder, projector
+    init_from: str | None = None  # a stage checkpoint (iter_N.pth) whose weights start this stage
+    prompt_template: str = "phi3_chat"
+    visual_select_layer: int = -2
+    projector_depth: int = 2
+    max_length: int = 3520
+    pad_image_to_square: bool = False
+    micro_batch_size: int = 16
+    accumulative_counts: int = 2
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    max_norm: float = 1.0
+    epochs: int = 1
+    sampler: str = "shuffle"  # shuffle | length_grouped
+    gradient_checkpointing: bool = True
+    deepspeed_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    seed: int = 1024
+    on_bad_sample: str = "error"
+    # Not part of the result (excluded from the fingerprint):
+    save_steps: int = 1000
+    save_total_limit: int = 2
+    num_workers: int = 4
+    log_interval: int = 10
+
+    VOLATILE = ("save_steps", "save_total_limit", "num_workers", "log_interval")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self, world_size: int) -> str:
+        semantic = {k: v for k, v in self.to_dict().items() if k not in self.VOLATILE}
+        semantic["world_size"] = world_size
+        return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
