@@ -14,8 +14,12 @@ def _load_recipe(value: str):
 
     from .train.recipe import Recipe
 
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
-    return Recipe.from_dict(yaml.safe_load(text))
+    if value.lstrip().startswith("{"):
+        return Recipe.from_dict(json.loads(value))
+    path = Path(value)
+    # YAML 1.1 reads 1e-8 as a string, so JSON files go through the JSON parser.
+    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    return Recipe.from_dict(data)
 
 
 def cmd_train(args) -> None:
