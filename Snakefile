@@ -1,4 +1,4 @@
-# llavaflow: the life of a LLaVA model as one DAG. Targets: results/finetune/final.pth, all.
+# llavaflow: the life of a LLaVA model as one DAG. Targets: results/iter_hf (and any intermediate), all.
 # Real recipe:  snakemake --cores all
 # Tiny preset:  snakemake --cores all --configfile config/tiny.yaml
 from snakemake.utils import min_version
@@ -12,9 +12,11 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/train.smk"
+include: "rules/convert.smk"
 
 
 rule all:
     default_target: True
     input:
-        "results/finetune/final.pth",
+        "results/iter_hf",
+        "results/iter_llava",

@@ -55,3 +55,17 @@ def training_inputs(stage):
 def torchrun(stage):
     """Single-node launcher; ranks come from config (they set the global batch), not from resources."""
     return f"torchrun --standalone --nproc_per_node {config[stage]['gpus_per_node']}"
+
+
+CONVERT_CODE = code_hash("convert", "model", "template.py")
+
+
+def base_model_inputs():
+    """The base LLM/ViT folders that conversions read configs and tokenizers from (tiny: built locally)."""
+    return {"assets": "results/tiny"} if TINY else {}
+
+
+def mm_vision_tower():
+    """What the official LLaVA loader builds the tower from: the base vision model, as an absolute path if local."""
+    tower = config["model"]["visual_encoder"]
+    return str(Path(tower).resolve()) if TINY or Path(tower).exists() else tower

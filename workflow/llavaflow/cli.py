@@ -34,6 +34,79 @@ def cmd_build_tiny(args) -> None:
     build_tiny_assets(Path(args.out), Path(args.mmbench_dir), args.datasets, seed=args.seed)
 
 
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)")
+
+
+def cmd_pth_to_hf(args) -> None:
+    from .config import load_config
+    from .convert.pth_to_hf import pth_to_hf
+
+    model = load_config(args.config, Path(__file__).resolve().parents[2] / "config" / "schema.yaml")["model"] \
+        if args.config else {}
+    llm, vit = args.llm or model.get("llm"), args.visual_encoder or model.get("visual_encoder")
+    if not llm or not vit:
+        raise SystemExit("pth_to_hf: give CONFIG or both --llm and --visual-encoder (the base models trained from)")
+    recipe = json.loads(args.recipe) if args.recipe else None
+    pth_to_hf(args.pth_model, args.save_dir, llm, vit, "fp32" if args.fp32 else args.dtype, args.max_shard_size, recipe)
+
+
+def cmd_phi_to_llama(args) -> None:
+    from .convert.phi3_llama import phi_to_llama
+
+    phi_to_llama(args.phi_path, args.save_path, args.max_shard_size)
+
+
+def cmd_export(args) -> None:
+    from .convert.exports import to_hf, to_llava
+
+    common = (args.text_model_id, args.vision_model_id, args.projector_weight, args.save_path)
+    if args.format == "to_hf":
+        to_hf(*common, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    else:
+        tower = args.mm_vision_tower or str(Path(args.vision_model_id).resolve())
+        to_llava(*common, mm_vision_tower=tower, dtype=args.dtype, max_shard_size=args.max_shard_size)
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="checkpoint and format conversions (xtuner's argument names)")
+    conv = c.add_subparsers(dest="conversion", required=True)
+    p = conv.add_parser("pth_to_hf", help="iter_N.pth (file or DeepSpeed dir) -> xtuner-style HF folder")
+    p.add_argument("config", nargs="?", help="llavaflow config YAML naming the base LLM and visual encoder")
+    p.add_argument("pth_model")
+    p.add_argument("save_dir")
+    p.add_argument("--llm", help="base LLM (hub id or folder); overrides CONFIG")
+    p.add_argument("--visual-encoder", help="base CLIP vision model; overrides CONFIG")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="LLM dtype (ViT and projector stay fp32)")
+    p.add_argument("--fp32", action="store_true", help="same as --dtype fp32 (xtuner's flag)")
+    p.add_argument("--max-shard-size", type=_size, default="2GB")
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pth_to_hf)
+    p = conv.add_parser("phi_to_llama", help="Phi-3 LLM folder -> Llama (exact below the 2047-token window)")
+    p.add_argument("--phi_path", required=True)
+    p.add_argument("--save_path", required=True)
+    p.add_argument("--max-shard-size", type=_size, default="2GB")
+    p.set_defaults(func=cmd_phi_to_llama)
+    for fmt, what in (("to_llava", "official LLaVA format"), ("to_hf", "HF LlavaForConditionalGeneration format")):
+        p = conv.add_parser(fmt, help=f"xtuner folder (Llama LLM) -> {what}")
+        p.add_argument("--text_model_id", required=True, help="the Llama LLM folder (phi_to_llama output)")
+        p.add_argument("--vision_model_id", required=True, help="the visual_encoder/ folder")
+        p.add_argument("--projector_weight", required=True, help="projector/model.safetensors")
+        p.add_argument("--save_path", required=True)
+        p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+        p.add_argument("--max-shard-size", type=_size, default="2GB" if fmt == "to_llava" else "5GB")
+        if fmt == "to_llava":
+            p.add_argument("--mm_vision_tower", help="hub id or folder LLaVA builds the tower from (default: vision_model_id)")
+        p.set_defaults(func=cmd_export, format=fmt)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavaflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--datasets", nargs="+", required=True)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_tiny)
+    _add_convert(sub)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import jsonschema
@@ -47,7 +48,7 @@ def _fill_defaults(root: dict, schema: dict, instance: dict) -> None:
     for key, sub in _resolve(root, schema).get("properties", {}).items():
         sub = _resolve(root, sub)
         if key not in instance and "default" in sub:
-            instance[key] = sub["default"]
+            instance[key] = copy.deepcopy(sub["default"])
         if isinstance(instance.get(key), dict) and sub.get("type") == "object":
             _fill_defaults(root, sub, instance[key])
 

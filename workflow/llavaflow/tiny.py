@@ -238,7 +238,7 @@ def build_llm(out: Path, tokenizer, seed: int):
     rows = math.ceil((len(tokenizer) + 2) / 64) * 64  # Phi-3 style: rows padded to 64, free rows at the end
     ids = tokenizer.convert_tokens_to_ids
     cfg = Phi3Config(
-        vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=rows, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, original_max_position_embeddings=4096,
         sliding_window=2047, rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,

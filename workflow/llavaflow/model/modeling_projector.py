@@ -22,6 +22,7 @@ class ProjectorModel(PreTrainedModel):
             modules.append(ACT2FN[config.hidden_act])
             modules.append(nn.Linear(config.llm_hidden_size, config.llm_hidden_size, bias=config.bias))
         self.model = nn.Sequential(*modules)
+        self.post_init()
 
     def enable_input_require_grads(self):
         def make_inputs_require_grad(module, input, output):

@@ -1,0 +1,92 @@
+# Conversions after training, in the order of xtuner's LLaVA-Phi-3 README:
+# pth -> xtuner folder -> Llama LLM -> official LLaVA / HF LLaVA. Each streams tensors and publishes atomically.
+
+
+rule pth_to_hf:
+    input:
+        ckpt="results/finetune/final.pth",
+        **base_model_inputs(),
+    output:
+        directory("results/iter_xtuner"),
+    log:
+        "results/logs/pth_to_hf.log",
+    benchmark:
+        "results/benchmarks/pth_to_hf.tsv"
+    params:
+        llm=config["model"]["llm"],
+        visual_encoder=config["model"]["visual_encoder"],
+        dtype=config["convert"]["dtype"],
+        code=CONVERT_CODE,
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    shell:
+        "python {SCRIPTS}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
+        " --dtype {params.dtype} > {log} 2>&1"
+
+
+rule phi_to_llama:
+    input:
+        "results/iter_xtuner",
+    output:
+        directory("results/iter_xtuner_llama_llm"),
+    log:
+        "results/logs/phi_to_llama.log",
+    benchmark:
+        "results/benchmarks/phi_to_llama.tsv"
+    params:
+        code=CONVERT_CODE,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python {SCRIPTS}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
+
+
+rule export_llava:
+    input:
+        llm="results/iter_xtuner_llama_llm",
+        xtuner="results/iter_xtuner",
+    output:
+        directory("results/iter_llava"),
+    log:
+        "results/logs/export_llava.log",
+    benchmark:
+        "results/benchmarks/export_llava.tsv"
+    params:
+        dtype=config["convert"]["dtype"],
+        tower=mm_vision_tower(),
+        code=CONVERT_CODE,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python {SCRIPTS}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
+        " --mm_vision_tower {params.tower} --dtype {params.dtype} > {log} 2>&1"
+
+
+rule export_hf:
+    input:
+        llm="results/iter_xtuner_llama_llm",
+        xtuner="results/iter_xtuner",
+    output:
+        directory("results/iter_hf"),
+    log:
+        "results/logs/export_hf.log",
+    benchmark:
+        "results/benchmarks/export_hf.tsv"
+    params:
+        dtype=config["convert"]["dtype"],
+        code=CONVERT_CODE,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python {SCRIPTS}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
+        " --dtype {params.dtype} > {log} 2>&1"

@@ -1,0 +1,162 @@
+"""Exports of the xtuner-style folder (after phi_to_llama) to the official LLaVA and the HF LLaVA formats.
+
+Both take xtuner's converter arguments: the Llama LLM folder, the vision folder (xtuner's
+visual_encoder/), the projector weights, and the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..template import PHI3_CHAT
+from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, copy_files, iter_tensors,
+                 read_json, write_json)
+from .tables import XTUNER_TO_HF, XTUNER_TO_LLAVA, clip_legacy, rename
+
+log = logging.getLogger(__name__)
+
+# Phi-3's chat template (each turn closed by <|end|>); a list content puts "<image>\n" before the text,
+# the prompt layout of training (phi3_chat INSTRUCTION with "<image>\n" + question).
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+assert PHI3_CHAT.instruction == "<|user|>\n{input}<|end|>\n<|assistant|>\n"  # the template above mirrors it
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3 ships it (formats.md §2.7)."""
+    return tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+
+
+def _sources(text_model: Path, vision_model: Path, projector_weight: Path):
+    """(part, xtuner-folder name, tensor) for every tensor, streamed."""
+    for name, t in iter_tensors(text_model):
+        yield "llm", name, t
+    for name, t in iter_tensors(vision_model):
+        yield "visual_encoder", clip_legacy(name), t
+    try:
+        with safe_open(str(projector_weight), framework="pt") as f:
+            for name in f.keys():
+                yield "projector", name, f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ConversionError(f"{projector_weight}: cannot read projector weights ({e})") from e
+
+
+def _check_llama(text_model: Path) -> dict:
+    cfg = read_json(text_model / "config.json")
+    if cfg.get("model_type") != "llama":
+        raise ConversionError(f"{text_model}: model_type {cfg.get('model_type')!r}; convert Phi-3 with phi_to_llama first")
+    return cfg
+
+
+def _write_weights(out: Path, table: dict, text_model, vision_model, projector_weight, dtype, shard_bytes) -> None:
+    writer = ShardWriter(out, shard_bytes)
+    for part, name, tensor in _sources(Path(text_model), Path(vision_model), Path(projector_weight)):
+        writer.add(rename(part, name, table), tensor.to(dtype))
+    writer.close()
+
+
+def _legacy_text_config(cfg: dict, dtype: str) -> dict:
+    text = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype", "_name_or_path", "architectures")}
+    text.update(rope_theta=cfg.get("rope_theta", 10000.0), rope_scaling=None, torch_dtype=dtype)
+    return text
+
+
+def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: str = "bf16",
+          max_shard_size: int = 5 * 1024**3) -> None:
+    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x (formats.md §2)."""
+    from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
+
+    text_model, vision_model = Path(text_model_id), Path(vision_model_id)
+    text_cfg = _check_llama(text_model)
+    vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
+    clip_proc = CLIPImageProcessor.from_pretrained(vision_model)
+    tok = AutoTokenizer.from_pretrained(text_model)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    image_id, pad_id = tok.convert_tokens_to_ids(["<image>", "<pad>"])
+    if max(image_id, pad_id) >= text_cfg["vocab_size"]:
+        raise ConversionError(f"<image>/<pad> ids {image_id}/{pad_id} do not fit the {text_cfg['vocab_size']} embedding rows")
+    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    vision = vision_cfg.to_dict()
+    vision.update(model_type="clip_vision_model")
+    config = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": image_id, "pad_token_id": pad_id, "image_seq_length": patches,
+        "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default", "vision_feature_layer": -2,
+        "multimodal_projector_bias": True, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+        "text_config": _legacy_text_config(text_cfg, torch_dtype), "vision_config": vision,
+    }
+    size = clip_proc.crop_size["height"]
+    preprocessor = {
+        "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_pad": True,
+        "do_resize": True, "size": {"shortest_edge": clip_proc.size["shortest_edge"]}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip_proc.image_mean),
+        "image_std": list(clip_proc.image_std), "do_convert_rgb": True,
+    }
+    with atomic_folder(Path(save_path)) as tmp:
+        _write_weights(tmp, XTUNER_TO_HF, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
+        write_json(tmp / "config.json", config)
+        tok.chat_template = PHI3_CHAT_TEMPLATE
+        tok.save_pretrained(tmp)
+        copy_files(text_model, tmp, ("tokenizer.model",))
+        write_json(tmp / "special_tokens_map.json", {
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.unk_token, "pad_token": "<pad>",
+            "additional_special_tokens": ["<image>"]})
+        (tmp / "chat_template.jinja").write_text(PHI3_CHAT_TEMPLATE)
+        write_json(tmp / "chat_template.json", {"chat_template": PHI3_CHAT_TEMPLATE})
+        write_json(tmp / "processor_config.json", {
+            "image_token": "<image>", "patch_size": vision_cfg.patch_size, "num_additional_image_tokens": 1,
+            "vision_feature_select_strategy": "default", "processor_class": "LlavaProcessor"})
+        write_json(tmp / "preprocessor_config.json", preprocessor)
+        write_json(tmp / "generation_config.json", {
+            "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": pad_id})
+
+
+def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vision_tower: str,
+             dtype: str = "bf16", model_max_length: int = 2047, max_shard_size: int = 2 * 1024**3) -> None:
+    """Official LLaVA folder (LlavaLlamaForCausalLM, formats.md §3). The folder name must contain 'llava'."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
+
+    save_path = Path(save_path)
+    name = save_path.name.lower()
+    if "llava" not in name or any(bad in name for bad in ("mpt", "mistral", "lora")):
+        raise ConversionError(f"{save_path}: LLaVA's loader needs 'llava' in the folder name (and no mpt/mistral/lora)")
+    text_model, vision_model = Path(text_model_id), Path(vision_model_id)
+    text_cfg = _check_llama(text_model)
+    if not (text_model / "tokenizer.model").exists():
+        raise ConversionError(f"{text_model}: no tokenizer.model; LLaVA's slow tokenizer needs it")
+    vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
+    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    config = _legacy_text_config(text_cfg, torch_dtype)
+    config.update({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": mm_vision_tower, "mm_hidden_size": vision_cfg.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "use_mm_proj": True, "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": model_max_length, "mm_projector_lr": None, "use_cache": True,
+    })
+    tok = AutoTokenizer.from_pretrained(text_model)
+    with atomic_folder(save_path) as tmp:
+        _write_weights(tmp, XTUNER_TO_LLAVA, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
+        write_json(tmp / "config.json", config)
+        copy_files(text_model, tmp, TOKENIZER_FILES)
+        CLIPImageProcessor.from_pretrained(vision_model).save_pretrained(tmp)
+        write_json(tmp / "generation_config.json", {
+            "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": tok.pad_token_id})

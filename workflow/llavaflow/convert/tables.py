@@ -1,0 +1,58 @@
+"""Tensor-name mappings, one table per format pair; the way back is the same table inverted.
+
+A table maps each part of the xtuner-style folder (llm, visual_encoder, projector) to a list of
+(prefix in the xtuner folder, prefix in the target format). The longest matching prefix wins, both
+ways. Every converter and every test reads these tables, so a format fact lives here only.
+"""
+
+from __future__ import annotations
+
+# Our and xtuner's iter_N.pth checkpoints: the prefix of each part in LLaVAModel.state_dict().
+CHECKPOINT_PREFIX = {"llm": "llm.", "visual_encoder": "visual_encoder.", "projector": "projector."}
+
+# A CLIP vision tower on disk always carries the legacy `vision_model.` prefix (transformers < 5.6
+# requires it; 5.x accepts it). transformers >= 5.6 names the same tensors without it in memory.
+CLIP_LEGACY_PREFIX = "vision_model."
+
+_PROJECTOR_LAYERS = range(0, 16, 2)  # Linear layers of an MLP projector sit at even indices
+
+# xtuner folder (LLM in Llama names) -> HF LlavaForConditionalGeneration, legacy on-disk names.
+XTUNER_TO_HF = {
+    "llm": [("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")],
+    "visual_encoder": [("vision_model.", "vision_tower.vision_model.")],
+    "projector": [("model.0.", "multi_modal_projector.linear_1."), ("model.2.", "multi_modal_projector.linear_2.")],
+}
+
+# xtuner folder (LLM in Llama names) -> official LLaVA (LlavaLlamaForCausalLM).
+XTUNER_TO_LLAVA = {
+    "llm": [("model.", "model."), ("lm_head.", "lm_head.")],
+    "visual_encoder": [("vision_model.", "model.vision_tower.vision_tower.vision_model.")],
+    "projector": [(f"model.{i}.", f"model.mm_projector.{i}.") for i in _PROJECTOR_LAYERS],
+}
+
+
+def clip_legacy(name: str) -> str:
+    return name if name.startswith(CLIP_LEGACY_PREFIX) else CLIP_LEGACY_PREFIX + name
+
+
+def _longest(name: str, pairs) -> tuple | None:
+    hits = [p for p in pairs if name.startswith(p[0])]
+    return max(hits, key=lambda p: len(p[0])) if hits else None
+
+
+def rename(part: str, name: str, table: dict) -> str:
+    """xtuner-folder name of `part` -> target-format name."""
+    hit = _longest(name, table[part])
+    if hit is None:
+        raise KeyError(f"{part} tensor {name!r} has no mapping")
+    return hit[1] + name[len(hit[0]):]
+
+
+def split_name(name: str, table: dict) -> tuple[str, str]:
+    """Target-format name -> (part, xtuner-folder name): the table inverted."""
+    inverted = [(dst, src, part) for part, pairs in table.items() for src, dst in pairs]
+    hit = _longest(name, inverted)
+    if hit is None:
+        raise KeyError(f"tensor {name!r} belongs to no part")
+    dst, src, part = hit
+    return part, src + name[len(dst):]
