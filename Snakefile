@@ -9,10 +9,15 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/assets.smk"
 include: "rules/train.smk"
 include: "rules/convert.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -20,3 +25,4 @@ rule all:
     input:
         "results/iter_hf",
         "results/iter_llava",
+        "results/report/mmbench_summary.tsv",

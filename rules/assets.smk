@@ -18,5 +18,5 @@ if TINY:
             mem_mb=2000,
             runtime=10,
         shell:
-            "python {SCRIPTS}/build_tiny_assets.py --out {output.assets} --mmbench-dir results/mmbench/data"
+            "{PYTHON} {SCRIPTS}/build_tiny_assets.py --out {output.assets} --mmbench-dir results/mmbench/data"
             " --datasets {params.datasets} --seed {params.seed} > {log} 2>&1"

@@ -18,6 +18,19 @@ except ConfigError as e:
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={LLAVAFLOW_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 TINY = config["preset"] == "tiny"
+
+
+def _uses_conda():
+    try:
+        from snakemake.settings.types import DeploymentMethod
+
+        return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    except (ImportError, AttributeError):
+        return False
+
+
+# Jobs run with Snakemake's own interpreter (the one llavaflow is installed in), or the env's with --sdm conda.
+PYTHON = "python" if _uses_conda() else sys.executable
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 
@@ -54,10 +67,11 @@ def training_inputs(stage):
 
 def torchrun(stage):
     """Single-node launcher; ranks come from config (they set the global batch), not from resources."""
-    return f"torchrun --standalone --nproc_per_node {config[stage]['gpus_per_node']}"
+    return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {config[stage]['gpus_per_node']}"
 
 
 CONVERT_CODE = code_hash("convert", "model", "template.py")
+EVAL_CODE = code_hash("eval", "model", "data", "template.py")
 
 
 def base_model_inputs():

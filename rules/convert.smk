@@ -22,7 +22,7 @@ rule pth_to_hf:
         mem_mb=16000,
         runtime=120,
     shell:
-        "python {SCRIPTS}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
+        "{PYTHON} {SCRIPTS}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
         " --dtype {params.dtype} > {log} 2>&1"
 
 
@@ -42,7 +42,7 @@ rule phi_to_llama:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python {SCRIPTS}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
+        "{PYTHON} {SCRIPTS}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
 
 
 rule export_llava:
@@ -64,7 +64,7 @@ rule export_llava:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python {SCRIPTS}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "{PYTHON} {SCRIPTS}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --mm_vision_tower {params.tower} --dtype {params.dtype} > {log} 2>&1"
 
@@ -87,6 +87,6 @@ rule export_hf:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python {SCRIPTS}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "{PYTHON} {SCRIPTS}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --dtype {params.dtype} > {log} 2>&1"

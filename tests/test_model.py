@@ -29,7 +29,11 @@ def test_features_are_spliced_into_the_placeholder(model):
         assert not embeds[1, 3:].any()  # right padding with zeros
     assert new_labels.tolist() == [[-100, -100, -100, -100, -100, 6, 7], [-100, 8, 9, -100, -100, -100, -100]]
     assert new_mask.tolist() == [[True] * 7, [True] * 3 + [False] * 4]
-    assert pos.tolist() == [list(range(7))] * 2
+    assert pos.tolist() == [list(range(7)), [0, 1, 2, 0, 0, 0, 0]]
+    # Left padding (batched generation): the same rows, shifted to the end.
+    left, left_mask, _, left_pos = model.splice(ids, mask, None, feats, padding_side="left")
+    assert torch.equal(left[1, 4:], embeds[1, :3]) and not left[1, :4].any()
+    assert left_mask[1].tolist() == [False] * 4 + [True] * 3 and left_pos[1].tolist() == [0, 0, 0, 0, 0, 1, 2]
 
 
 def test_count_mismatches_raise(model):

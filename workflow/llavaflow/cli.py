@@ -107,6 +107,66 @@ def _add_convert(sub) -> None:
         p.set_defaults(func=cmd_export, format=fmt)
 
 
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _init_ranks() -> str:
+    """torchrun: one process group, one GPU per rank; plain python: one process. Returns the device."""
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def cmd_mmbench(args) -> None:
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from .data.images import ImageTransform
+    from .eval.mmbench import evaluate
+    from .model.loading import load_xtuner_llava
+
+    folder = args.llava or args.model_name_or_path
+    device = _init_ranks()
+    model = load_xtuner_llava(folder, _dtype(args.torch_dtype, device), args.visual_encoder,
+                              args.visual_select_layer, device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vit = args.visual_encoder or Path(folder) / "visual_encoder"
+    transform = ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
+    evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
+             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path)
+
+
+def _add_mmbench(sub) -> None:
+    m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
+    m.add_argument("model_name_or_path", help="the xtuner-style folder (results/iter_xtuner)")
+    m.add_argument("--llava", help="the xtuner-style LLaVA folder, if not the positional one")
+    m.add_argument("--visual-encoder", help="only for folders without visual_encoder/")
+    m.add_argument("--visual-select-layer", type=int, default=-2)
+    m.add_argument("--prompt-template", default="phi3_chat")
+    m.add_argument("--data-path", required=True, help="the benchmark TSV")
+    m.add_argument("--work-dir", required=True)
+    m.add_argument("--dataset", help="name used in output files (default: the TSV's stem)")
+    m.add_argument("--policy", default="vlmeval", help="answer extraction: vlmeval (default), xtuner, or a full policy name")
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--max-new-tokens", type=int, default=100)
+    m.add_argument("--torch-dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
+    m.add_argument("--no-fast-path", action="store_true", help="always decode to the end (for comparisons)")
+    m.set_defaults(func=cmd_mmbench)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavaflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_tiny)
     _add_convert(sub)
+    _add_mmbench(sub)
     return p
 
 

@@ -88,13 +88,16 @@ def _save_image(img: Image.Image, path: Path, fmt: str) -> None:
     img.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
 
 
-def _options(rng: random.Random, kind: str, answer: str, n: int | None = None) -> list[str]:
+def _options(rng: random.Random, kind: str, answer: str, n: int | None = None, canonical: bool = True) -> list[str]:
+    """n options including the answer; canonical keeps the vocabulary's order (the main rows of the TSVs)."""
     vocab = list(KINDS[kind][2])
     n = n or len(vocab)
     others = [v for v in vocab if v != answer]
     rng.shuffle(others)
-    opts = [answer] + others[: n - 1]
-    rng.shuffle(opts)
+    chosen = {answer, *others[: n - 1]}
+    opts = [v for v in vocab if v in chosen]
+    if not canonical:
+        rng.shuffle(opts)
     return opts
 
 
@@ -136,13 +139,18 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) 
         rel = f"images/ft_{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
         _save_image(draw(scene, rng), root / "finetune" / rel, fmt)
         conv = []
-        kinds = rng.sample(list(KINDS), rng.randint(1, 3))
+        # Mostly one question, some multi-turn; a tiny model learns to look at the image faster this way.
+        kinds = rng.sample(list(KINDS), 1 if rng.random() < 0.75 else rng.randint(2, 3))
         for t, kind in enumerate(kinds):
             q_en, q_cn = KINDS[kind][:2]
             answer = scene.answer(kind)
-            chinese = rng.random() < 0.3
-            if rng.random() < 0.6:  # multiple choice, in the evaluation's prompt format
-                opts = _options(rng, kind, answer, rng.randint(2, len(KINDS[kind][2])))
+            chinese = rng.random() < 0.25
+            if rng.random() < 0.8:  # multiple choice, in the evaluation's prompt format
+                # Mostly all options in the vocabulary's order, as the benchmark's main rows; the rest
+                # subsets in any order, so that reading the options pays (circular copies rotate them).
+                full = rng.random() < 0.7
+                n = len(KINDS[kind][2]) if full else rng.randint(2, len(KINDS[kind][2]))
+                opts = _options(rng, kind, answer, n, canonical=full)
                 shown = [_cn(o) for o in opts] if chinese else opts
                 letters = _letters(shown)
                 q = mcq_text(q_cn if chinese else q_en, letters)

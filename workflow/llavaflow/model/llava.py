@@ -54,8 +54,10 @@ class LlavaModel(nn.Module):
         feats = out.hidden_states[self.visual_select_layer][:, 1:]
         return self.projector(feats)
 
-    def splice(self, input_ids, attention_mask, labels, image_features):
-        """Replace each -200 with its image's feature rows; returns right-padded embeds/mask/labels/pos.
+    def splice(self, input_ids, attention_mask, labels, image_features, padding_side: str = "right"):
+        """Replace each -200 with its image's feature rows; returns padded embeds/mask/labels/pos.
+
+        Right padding (training, as xtuner) or left padding (batched generation).
 
         Every sample owns one image slot (text-only samples carry a blank image whose features are
         kept in the graph as an empty slice, as in xtuner, so all ranks use all parameters).
@@ -95,12 +97,14 @@ class LlavaModel(nn.Module):
         embeds = rows_e[0].new_zeros((batch, width, hidden))
         new_labels = input_ids.new_full((batch, width), IGNORE_INDEX)
         mask = torch.zeros((batch, width), dtype=torch.bool, device=input_ids.device)
+        position_ids = torch.zeros((batch, width), dtype=torch.long, device=input_ids.device)
         for i, (e, lab) in enumerate(zip(rows_e, rows_l)):
             n = e.shape[0]
-            embeds[i, :n] = e
-            new_labels[i, :n] = lab
-            mask[i, :n] = True
-        position_ids = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+            span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+            embeds[i, span] = e
+            new_labels[i, span] = lab
+            mask[i, span] = True
+            position_ids[i, span] = torch.arange(n, device=input_ids.device)
         return embeds, mask, (new_labels if labels is not None else None), position_ids
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, **llm_kwargs):
@@ -109,3 +113,21 @@ class LlavaModel(nn.Module):
         return self.llm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels, **llm_kwargs
         )
+
+    @torch.no_grad()
+    def generate(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, **generate_kwargs):
+        """Greedy/sampled generation for a batch of prompts (lists of ids with -200), left-padded.
+
+        Returns the new token ids only, one list per prompt.
+        """
+        device = self.llm.device
+        width = max(len(ids) for ids in input_ids)
+        padded = torch.zeros((len(input_ids), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(padded, dtype=torch.bool)
+        for i, ids in enumerate(input_ids):
+            padded[i, : len(ids)] = torch.tensor(ids, device=device)
+            mask[i, : len(ids)] = True
+        feats = self.encode_images(pixel_values.to(device)) if pixel_values is not None else None
+        embeds, emask, _, _ = self.splice(padded, mask, None, feats, padding_side="left")
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=emask.long(), **generate_kwargs)
+        return out.tolist()

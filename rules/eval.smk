@@ -1,0 +1,33 @@
+# MMBench / CCBench evaluation of the xtuner-style folder, one job per dataset. The prediction cache in
+# results/mmbench/<dataset>/cache is undeclared, so a rerun after a crash reuses the rows already predicted.
+
+
+rule mmbench_eval:
+    input:
+        model="results/iter_xtuner",
+        tsv="results/mmbench/data/{dataset}.tsv",
+    output:
+        summary="results/mmbench/{dataset}/summary.json",
+        predictions="results/mmbench/{dataset}/predictions.xlsx",
+    log:
+        "results/logs/mmbench_eval/{dataset}.log",
+    benchmark:
+        "results/benchmarks/mmbench_eval/{dataset}.tsv"
+    params:
+        template=config["mmbench"]["prompt_template"],
+        policy=config["mmbench"]["policy"],
+        max_new_tokens=config["mmbench"]["max_new_tokens"],
+        code=EVAL_CODE,
+        batch_size=config["mmbench"]["batch_size"],
+        launcher=f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {config['mmbench']['gpus']}",
+    threads: 2
+    resources:
+        gpu=config["mmbench"]["gpus"],
+        nodes=1,
+        mem_mb=32000,
+        runtime=60,
+    shell:
+        "{params.launcher} {SCRIPTS}/mmbench_eval.py {input.model} --data-path {input.tsv}"
+        " --work-dir results/mmbench/{wildcards.dataset} --dataset {wildcards.dataset}"
+        " --prompt-template {params.template} --policy {params.policy} --max-new-tokens {params.max_new_tokens}"
+        " --batch-size {params.batch_size} > {log} 2>&1"

@@ -1,0 +1,46 @@
+"""Answer extraction policies against the golden table of mmbench.md §6.6."""
+
+import pytest
+
+from llavaflow.eval.extract import get_policy
+
+CHOICES = {"A": "a cat", "B": "a dog", "C": "a bird", "D": "a fish"}
+LONG = "The picture shows many things, and after looking closely at everything it is clear that it shows a dog in the end."
+POLICIES = ["vlmevalkit-2024", "vlmevalkit-2025-08", "vlmevalkit-head", "xtuner-regex"]
+GOLDEN = [  # prediction, expected per policy in POLICIES order ("" = unparsed)
+    ("A", "A", "A", "A", "A"), ("B.", "B", "B", "B", "B"), ("(C)", "C", "C", "C", "C"), ("D. a fish", "D", "D", "D", "D"),
+    ("**B**", "B", "B", "B", "B"), ("B) a dog", "B", "B", "B", "B"), ("Option B", "B", "B", "B", "B"),
+    ("Answer: C", "C", "C", "C", "A"),
+    ("Based on the image, C", "C", "C", "C", "B"),
+    ("The correct answer is **B**. Here's why: the animal barks and it has four legs.", "B", "", "B", "B"),
+    ("B. The dog is running in the park near the river.", "B", "", "", "B"),
+    (LONG, "B", "", "", ""),
+    ("a dog", "B", "B", "B", ""), ("It is a dog.", "B", "B", "B", ""),
+    ("A dog", "A", "A", "A", "A"),
+    ("AB", "", "", "", "AB"), ("A or B", "", "", "", "A"), ("C D", "", "", "", "C"),
+    ("b", "", "", "", ""),
+    ("答案：B", "", "", "", "B"), ("选项C", "", "", "", "C"), ("B。", "", "", "", "B"),
+    ("Z", "Z", "Z", "Z", ""), ("Sorry, I can't help with images of people yet.", "Z", "Z", "Z", ""),
+]
+
+
+@pytest.mark.parametrize("row", GOLDEN, ids=[g[0][:20] for g in GOLDEN])
+def test_golden_table(row):
+    pred, *expected = row
+    got = [get_policy(p)[1](pred, CHOICES) for p in POLICIES]
+    assert got == expected
+
+
+def test_two_option_question_and_aliases():
+    two = {"A": "yes", "B": "no"}
+    assert get_policy("vlmeval")[1]("C", two) == ""
+    assert get_policy("xtuner")[1]("C", two) == "C"
+    assert get_policy("vlmeval")[0] == "vlmevalkit-head" and get_policy("xtuner")[0] == "xtuner-regex"
+    with pytest.raises(ValueError, match="unknown extraction policy"):
+        get_policy("gpt")
+
+
+def test_choices_are_not_mutated():
+    choices = {"A": "Cat", "B": "Dog"}
+    get_policy("vlmevalkit-head")[1]("it is a dog", choices)
+    assert choices == {"A": "Cat", "B": "Dog"}

@@ -1,0 +1,133 @@
+"""MMBench / CCBench evaluation: read, prompt, predict (sharded over ranks, resumable), extract, score."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..template import get_template
+from .extract import DEFAULT_POLICY, POLICIES, get_policy
+from .mmbench_data import image_bytes, option_letters, options, read_benchmark
+from .predict import Predictor, Prompt
+from .prompt import mcq_text
+from .score import scorable, score, write_acc_csv, xtuner_result
+
+log = logging.getLogger(__name__)
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_prompts(df: pd.DataFrame) -> list[Prompt]:
+    letters = option_letters(df)
+    prompts = []
+    for idx, row in df.iterrows():
+        hint = row["hint"] if "hint" in df.columns and not pd.isna(row["hint"]) else None
+        text = "<image>\n" + mcq_text(str(row["question"]), options(row, letters), hint)
+        prompts.append(Prompt(int(idx), text, image_bytes(df, idx)))
+    return prompts
+
+
+def _load_cache(path: Path) -> dict[int, str]:
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            done[int(rec["index"])] = rec["prediction"]
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by a crash: everything after it is redone
+    return done
+
+
+def predict_all(predictor: Predictor, prompts: list[Prompt], cache: Path, batch_size: int, fast: bool,
+                rank: int = 0, world: int = 1) -> None:
+    """Predict this rank's share of the rows, appending to its cache file; rows already there are skipped."""
+    done = _load_cache(cache)
+    mine = [p for i, p in enumerate(prompts) if i % world == rank and p.key not in done]
+    with open(cache, "a", encoding="utf-8") as f, tqdm(total=len(mine), disable=rank != 0, desc="mmbench") as bar:
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            for key, text in predictor.predict_batch(batch, fast=fast).items():
+                f.write(json.dumps({"index": key, "prediction": text}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(batch))
+
+
+def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path, dataset: str | None = None,
+             template: str = "phi3_chat", policy: str = DEFAULT_POLICY, batch_size: int = 8,
+             max_new_tokens: int = 100, fast: bool = True) -> dict | None:
+    """Evaluate one benchmark file; writes predictions, scores and a summary to work_dir (rank 0)."""
+    tsv, work_dir = Path(tsv), Path(work_dir)
+    dataset = dataset or tsv.stem
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    policy_name, _ = get_policy(policy)
+    df = read_benchmark(tsv)
+    prompts = build_prompts(df)  # decodes every image pointer up front: a bad row fails before any work
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"template": template, "max_new_tokens": max_new_tokens, "prompt_style": "xtuner", "tsv_md5": md5(tsv)}
+    cache_dir = work_dir / "cache"
+    cache_dir.mkdir(exist_ok=True)
+    stamp = cache_dir / "settings.json"
+    if rank == 0 and (not stamp.exists() or json.loads(stamp.read_text()) != settings):
+        for old in cache_dir.glob("predictions.rank*.jsonl"):
+            old.unlink()  # cached predictions of other settings are not reused
+        stamp.write_text(json.dumps(settings, sort_keys=True))
+    if world > 1:
+        torch.distributed.barrier()
+    predictor = Predictor(model, tokenizer, transform, get_template(template), max_new_tokens)
+    predict_all(predictor, prompts, cache_dir / f"predictions.rank{rank}.jsonl", batch_size, fast, rank, world)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    predictions = {}
+    for f in sorted(cache_dir.glob("predictions.rank*.jsonl")):
+        predictions.update(_load_cache(f))
+    missing = [p.key for p in prompts if p.key not in predictions]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows have no prediction (e.g. index {missing[0]})")
+    return write_results(df, predictions, work_dir, dataset, policy_name, settings)
+
+
+def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path, dataset: str, policy: str,
+                  settings: dict) -> dict:
+    letters = option_letters(df)
+    table = df.drop(columns=["image"]).reset_index(drop=True)
+    table["prediction"] = [predictions[int(i)] for i in table["index"]]
+    counts = {}
+    for name, fn in POLICIES.items():
+        extracted = [fn(p, options(row, letters)) for p, (_, row) in zip(table["prediction"], df.iterrows())]
+        counts[name] = {"unparsed": sum(e == "" for e in extracted), "Z": sum(e == "Z" for e in extracted)}
+        if name == policy:
+            table["extracted"] = extracted
+    summary = {"dataset": dataset, "policy": policy, **settings, "rows": len(table), "extraction": counts}
+    if scorable(df):
+        scores = score(table)
+        summary.update(scores)
+        write_acc_csv(work_dir / f"{dataset}_acc.csv", scores["circular"])
+        has_l2 = "l2-category" in df.columns
+        (work_dir / "mmbench_result.json").write_text(json.dumps(xtuner_result(scores["circular"], has_l2), indent=2))
+        table["hit"] = (table["extracted"] == table["answer"]).astype(int)
+    else:
+        summary["scorable"] = False
+        summary["note"] = "no answer column (TEST split): predictions written for submission, no accuracy claimed"
+    table.to_excel(work_dir / "predictions.xlsx", index=False)
+    table.to_csv(work_dir / "predictions.csv", index=False)
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=float))
+    log.info("%s: %s", dataset, {k: summary[k]["Overall"] for k in ("circular", "vanilla_0", "vanilla_all") if k in summary})
+    return summary
