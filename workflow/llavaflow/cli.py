@@ -135,7 +135,7 @@ def cmd_mmbench(args) -> None:
     from transformers import AutoTokenizer, CLIPImageProcessor
 
     from .data.images import ImageTransform
-    from .eval.mmbench import evaluate
+    from .eval.mmbench import evaluate, folder_fingerprint
     from .model.loading import load_xtuner_llava
 
     folder = args.llava or args.model_name_or_path
@@ -146,7 +146,8 @@ def cmd_mmbench(args) -> None:
     vit = args.visual_encoder or Path(folder) / "visual_encoder"
     transform = ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
-             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path)
+             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path,
+             model_id=folder_fingerprint(folder))
 
 
 def _add_mmbench(sub) -> None:

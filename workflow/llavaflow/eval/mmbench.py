@@ -30,6 +30,16 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(folder: str | Path) -> str:
+    """Identity of a model folder (names, sizes, mtimes of its files): a re-converted model is a new one."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def build_prompts(df: pd.DataFrame) -> list[Prompt]:
     letters = option_letters(df)
     prompts = []
@@ -69,7 +79,7 @@ def predict_all(predictor: Predictor, prompts: list[Prompt], cache: Path, batch_
 
 def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path, dataset: str | None = None,
              template: str = "phi3_chat", policy: str = DEFAULT_POLICY, batch_size: int = 8,
-             max_new_tokens: int = 100, fast: bool = True) -> dict | None:
+             max_new_tokens: int = 100, fast: bool = True, model_id: str = "") -> dict | None:
     """Evaluate one benchmark file; writes predictions, scores and a summary to work_dir (rank 0)."""
     tsv, work_dir = Path(tsv), Path(work_dir)
     dataset = dataset or tsv.stem
@@ -79,7 +89,8 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     df = read_benchmark(tsv)
     prompts = build_prompts(df)  # decodes every image pointer up front: a bad row fails before any work
     work_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"template": template, "max_new_tokens": max_new_tokens, "prompt_style": "xtuner", "tsv_md5": md5(tsv)}
+    settings = {"template": template, "max_new_tokens": max_new_tokens, "prompt_style": "xtuner", "tsv_md5": md5(tsv),
+                "model": model_id}
     cache_dir = work_dir / "cache"
     cache_dir.mkdir(exist_ok=True)
     stamp = cache_dir / "settings.json"
