@@ -41,3 +41,30 @@ def run(cmd, cwd=ROOT, env=None, timeout=900, check=True):
     if check:
         assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+@pytest.fixture(scope="session")
+def converted(tiny, tmp_path_factory):
+    """A fine-tune-like checkpoint (all parts, perturbed away from the base weights) and every export of it."""
+    import torch
+
+    from llavaflow.convert.exports import to_hf, to_llava
+    from llavaflow.convert.phi3_llama import phi_to_llama
+    from llavaflow.convert.pth_to_hf import pth_to_hf
+    from llavaflow.model.build import build_llava
+
+    out = tmp_path_factory.mktemp("convert")
+    torch.manual_seed(0)
+    model = build_llava(str(tiny["llm"]), str(tiny["vit"]))
+    state = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, out / "iter_9.pth")
+    pth_to_hf(out / "iter_9.pth", out / "iter_xtuner", str(tiny["llm"]), str(tiny["vit"]), dtype="fp32")
+    phi_to_llama(out / "iter_xtuner", out / "iter_xtuner_llama_llm")
+    args = (out / "iter_xtuner_llama_llm", out / "iter_xtuner" / "visual_encoder",
+            out / "iter_xtuner" / "projector" / "model.safetensors")
+    to_hf(*args, out / "iter_hf", dtype="fp32")
+    to_llava(*args, out / "iter_llava", mm_vision_tower=str(tiny["vit"]), dtype="fp32")
+    model.load_state_dict(state)
+    return {"out": out, "state": state, "model": model.eval()}
+
+

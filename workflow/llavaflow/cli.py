@@ -150,6 +150,61 @@ def cmd_mmbench(args) -> None:
              model_id=folder_fingerprint(folder))
 
 
+def cmd_chat(args) -> int:
+    import torch
+
+    from .chat import Session, fetch_image, generation_kwargs, interactive, load_backend
+    from .data.images import ImageError
+    from .template import get_template
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = load_backend(args.llava or args.model_name_or_path, _dtype(args.torch_dtype, device), device,
+                           args.visual_encoder)
+    template = get_template(args.prompt_template)
+    if args.stop_words:
+        from dataclasses import replace
+
+        template = replace(template, stop_words=template.stop_words + tuple(args.stop_words))
+    session = Session(backend, template, args.system or "",
+                      generation_kwargs(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                        args.repetition_penalty))
+    if args.image:
+        try:
+            session.set_image(fetch_image(args.image))
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            if args.prompt is not None:
+                return 2
+    if args.prompt is not None:
+        print(session.ask(args.prompt))
+        return 0
+    interactive(session, stream=not args.no_streamer)
+    return 0
+
+
+def _add_chat(sub) -> None:
+    c = sub.add_parser("chat", help="chat about an image with a trained model (xtuner chat's arguments)")
+    c.add_argument("model_name_or_path", help="results/iter_xtuner (xtuner-style) or results/iter_hf (HF export)")
+    c.add_argument("--llava", help="the LLaVA folder, if not the positional one")
+    c.add_argument("--visual-encoder", help="only for xtuner folders without visual_encoder/")
+    c.add_argument("--prompt-template", default="phi3_chat")
+    c.add_argument("--image", help="a path or an http(s) URL")
+    c.add_argument("--system", help="system prompt (none by default, as in training)")
+    c.add_argument("--prompt", help="one-shot: answer this, print the answer and exit")
+    c.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=0.75)
+    c.add_argument("--top-k", type=int, default=40)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--max-new-tokens", type=int, default=2048)
+    c.add_argument("--stop-words", nargs="*", default=[])
+    c.add_argument("--no-streamer", action="store_true")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--torch-dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    c.set_defaults(func=cmd_chat)
+
+
 def _add_mmbench(sub) -> None:
     m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
     m.add_argument("model_name_or_path", help="the xtuner-style folder (results/iter_xtuner)")
@@ -186,14 +241,14 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build_tiny)
     _add_convert(sub)
     _add_mmbench(sub)
+    _add_chat(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    args.func(args)
-    return 0
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def to_rgb(img: Image.Image, source: str) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit greyscale: scale to 8 bits; convert("L") would clip nearly every pixel to white.
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white, as a viewer would show it; convert("RGB") would expose hidden colours.
         img = img.convert("RGBA")
