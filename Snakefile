@@ -14,6 +14,7 @@ report: "workflow/report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/assets.smk"
+include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/convert.smk"
 include: "rules/eval.smk"

@@ -59,7 +59,7 @@ def world_size(stage):
 
 def training_inputs(stage):
     """The stage's data and base models: built by build_tiny_assets, or downloaded (real preset)."""
-    inputs = {"data": "results/tiny" if TINY else config["data"][stage]["root"]}
+    inputs = {"data": "results/tiny" if TINY else f"results/data/{stage}.check.json"}
     if stage == "finetune":
         inputs["init"] = "results/pretrain/final.pth"
     return inputs
@@ -83,3 +83,19 @@ def mm_vision_tower():
     """What the official LLaVA loader builds the tower from: the base vision model, as an absolute path if local."""
     tower = config["model"]["visual_encoder"]
     return str(Path(tower).resolve()) if TINY or Path(tower).exists() else tower
+
+
+def download_entries(wildcards):
+    return json.dumps(config["downloads"][wildcards.stage], sort_keys=True)
+
+
+def data_root(wildcards):
+    return config["data"][wildcards.stage]["root"]
+
+
+def check_sources(wildcards):
+    return json.dumps(stage_recipe(config, wildcards.stage).datasets, sort_keys=True)
+
+
+def mmbench_entry(wildcards):
+    return json.dumps([dict(config["downloads"]["mmbench"][wildcards.dataset], dest=f"{wildcards.dataset}.tsv")])

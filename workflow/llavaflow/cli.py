@@ -205,6 +205,47 @@ def _add_chat(sub) -> None:
     c.set_defaults(func=cmd_chat)
 
 
+def cmd_download(args) -> None:
+    import yaml
+
+    from .download import Entry, download
+
+    if args.entries:
+        raw = json.loads(args.entries)
+    else:
+        manifest = yaml.safe_load(Path(args.config).read_text())["downloads"][args.section]
+        raw = [dict(e, dest=e.get("dest", f"{name}.tsv")) for name, e in manifest.items()] \
+            if isinstance(manifest, dict) else manifest
+    results = download([Entry.from_dict(e) for e in raw], args.root, args.jobs)
+    if args.done:
+        Path(args.done).write_text(json.dumps({"fetched": results}, indent=1))
+
+
+def cmd_check_data(args) -> None:
+    from .data.check import check_data
+
+    sources = json.loads(args.sources)
+    counts = check_data(sources, args.report, args.on_bad_sample)
+    Path(args.out).write_text(json.dumps(counts, indent=1))
+
+
+def _add_download(sub) -> None:
+    d = sub.add_parser("download", help="fetch a download manifest (resumable, verified, safe extraction)")
+    d.add_argument("--root", required=True, help="folder the entries' dest paths are relative to")
+    d.add_argument("--entries", help="the manifest as a JSON list of entries")
+    d.add_argument("--config", default="config/config.yaml", help="or: a config file's downloads section ...")
+    d.add_argument("--section", default="pretrain", help="... with this name (pretrain, finetune, mmbench, ...)")
+    d.add_argument("--jobs", type=int, default=4)
+    d.add_argument("--done", help="write a JSON record of what was fetched here when everything succeeded")
+    d.set_defaults(func=cmd_download)
+    c = sub.add_parser("check-data", help="count samples, check that every referenced image exists and opens")
+    c.add_argument("--sources", required=True, help="JSON list of {annotation, image_folder}")
+    c.add_argument("--report", required=True, help="TSV of bad image references")
+    c.add_argument("--out", required=True, help="JSON of the counts, written when the check passes")
+    c.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    c.set_defaults(func=cmd_check_data)
+
+
 def _add_mmbench(sub) -> None:
     m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
     m.add_argument("model_name_or_path", help="the xtuner-style folder (results/iter_xtuner)")
@@ -242,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_mmbench(sub)
     _add_chat(sub)
+    _add_download(sub)
     return p
 
 

@@ -1,0 +1,192 @@
+"""Downloads against a real HTTP server on 127.0.0.1: resume, errors, checksums, safe extraction."""
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llavaflow.data.check import check_data
+from llavaflow.data.dataset import DataError
+from llavaflow.download import DownloadError, Entry, auth_headers, download, safe_extract
+
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    files: dict
+    log: list
+    cut_once: set  # paths whose first GET dies halfway
+    ignore_range: set
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.log.append((self.path, self.headers.get("Range")))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and self.path not in srv.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path in srv.cut_once:
+            srv.cut_once.discard(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the connection breaks mid-file
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = Server(("127.0.0.1", 0), Handler)
+    srv.files, srv.log, srv.cut_once, srv.ignore_range = {}, [], set(), set()
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+
+
+def md5(b):
+    return hashlib.md5(b).hexdigest()
+
+
+def test_cut_download_resumes_byte_identical(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.cut_once.add("/a.bin")
+    download([Entry(dest="a.bin", url=server.url + "/a.bin", md5=md5(PAYLOAD))], tmp_path)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    ranges = [r for p, r in server.log if p == "/a.bin"]
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and int(ranges[1][6:-1]) > 0  # resumed, not restarted
+    assert not (tmp_path / "a.bin.part").exists()
+
+
+def test_server_that_ignores_range_restarts_cleanly(server, tmp_path):
+    server.files["/b.bin"] = PAYLOAD
+    server.cut_once.add("/b.bin")
+    server.ignore_range.add("/b.bin")
+    download([Entry(dest="b.bin", url=server.url + "/b.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest())], tmp_path)
+    assert (tmp_path / "b.bin").read_bytes() == PAYLOAD
+
+
+def test_404_names_status_and_url_and_mirror_is_used(server, tmp_path):
+    with pytest.raises(DownloadError, match=rf"HTTP 404 for {server.url}/missing.tsv"):
+        download([Entry(dest="x.tsv", url=server.url + "/missing.tsv")], tmp_path)
+    server.files["/old/x.tsv"] = b"index\tquestion\n"
+    download([Entry(dest="x.tsv", url=server.url + "/new/x.tsv", mirrors=[server.url + "/old/x.tsv"])], tmp_path)
+    assert (tmp_path / "x.tsv").read_bytes() == b"index\tquestion\n"
+
+
+def test_checksum_mismatch_keeps_the_file_aside(server, tmp_path):
+    server.files["/c.tsv"] = b"tampered"
+    with pytest.raises(DownloadError, match=r"md5 mismatch .*expected 0+, got " + md5(b"tampered")):
+        download([Entry(dest="c.tsv", url=server.url + "/c.tsv", md5="0" * 32)], tmp_path)
+    assert not (tmp_path / "c.tsv").exists() and (tmp_path / "c.tsv.bad").read_bytes() == b"tampered"
+
+
+def test_unchanged_rerun_transfers_nothing(server, tmp_path):
+    server.files["/d.bin"] = PAYLOAD
+    entry = Entry(dest="d.bin", url=server.url + "/d.bin", md5=md5(PAYLOAD))
+    download([entry], tmp_path)
+    n = len(server.log)
+    assert download([entry], tmp_path) == ["already in place: d.bin"]
+    assert len(server.log) == n
+
+
+def _zip(members: dict, symlink=None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink[0])
+            info.external_attr = (0o120777 << 16)
+            z.writestr(info, symlink[1])
+    return buf.getvalue()
+
+
+def test_archives_extract_safely_and_idempotently(server, tmp_path):
+    server.files["/ok.zip"] = _zip({"data/a.txt": b"A", "b.txt": b"B"})
+    download([Entry(dest="ok.zip", url=server.url + "/ok.zip", extract=True)], tmp_path)
+    assert (tmp_path / "data" / "a.txt").read_bytes() == b"A"
+    (tmp_path / "data" / "a.txt").write_bytes(b"edited")
+    download([Entry(dest="ok.zip", url=server.url + "/ok.zip", extract=True)], tmp_path)
+    assert (tmp_path / "data" / "a.txt").read_bytes() == b"edited"  # not extracted twice
+
+    server.files["/slip.zip"] = _zip({"../../evil.txt": b"x"})
+    with pytest.raises(DownloadError, match=r"refusing member '../../evil.txt'"):
+        download([Entry(dest="slip.zip", url=server.url + "/slip.zip", extract=True)], tmp_path / "t")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
+    server.files["/abs.zip"] = _zip({"/etc/evil": b"x"})
+    with pytest.raises(DownloadError, match="refusing member '/etc/evil'"):
+        download([Entry(dest="abs.zip", url=server.url + "/abs.zip", extract=True)], tmp_path / "t")
+    server.files["/link.zip"] = _zip({}, symlink=("ln", "/etc/passwd"))
+    with pytest.raises(DownloadError, match="refusing symlink member 'ln'"):
+        download([Entry(dest="link.zip", url=server.url + "/link.zip", extract=True)], tmp_path / "t")
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("escape")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../outside"
+        t.addfile(info)
+    (tmp_path / "bad.tar.gz").write_bytes(buf.getvalue())
+    with pytest.raises(DownloadError, match="refusing link 'escape'"):
+        safe_extract(tmp_path / "bad.tar.gz", tmp_path / "tt")
+
+
+def test_manual_sources_are_checked_not_skipped(tmp_path):
+    entry = Entry(dest="ai2d/images", manual="download AI2D images from Google Drive into ai2d/images")
+    with pytest.raises(DownloadError, match="ai2d/images is missing and cannot be fetched by program. Manual step"):
+        download([entry], tmp_path)
+    (tmp_path / "ai2d" / "images").mkdir(parents=True)
+    assert download([entry], tmp_path) == ["present (manual): ai2d/images"]
+
+
+def test_token_only_goes_to_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert auth_headers("https://huggingface.co/x/resolve/main/y") == {"Authorization": "Bearer secret"}
+    assert auth_headers("http://images.cocodataset.org/zips/train2017.zip") == {}
+
+
+def test_data_check_reports_missing_and_broken_images(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / "ok.png")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
+    ann = tmp_path / "a.jsonl"
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    ann.write_text("\n".join(json.dumps({"id": i, "image": f"imgs/{n}", "conversations": conv})
+                             for i, n in enumerate(["ok.png", "broken.png", "gone.png"])) + "\n")
+    src = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
+    with pytest.raises(DataError, match="2 referenced images are missing or unreadable"):
+        check_data(src, tmp_path / "report.tsv")
+    lines = (tmp_path / "report.tsv").read_text().splitlines()
+    assert len(lines) == 3 and "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
+    counts = check_data(src, tmp_path / "report.tsv", on_missing="skip")
+    assert counts[str(ann)] == {"samples": 3, "with_image": 3, "bad_images": 2, "malformed": 0}

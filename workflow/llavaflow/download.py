@@ -1,0 +1,234 @@
+"""Downloads: manifest entries fetched from plain URLs (resumable, verified) or the Hugging Face hub.
+
+A plain URL streams to <dest>.part, resumes with an HTTP Range request after a broken connection,
+retries with backoff, and only a file whose checksum matches is renamed into place (a mismatching one is
+kept aside as <dest>.bad and never used). A file already in place with the right checksum is not fetched
+again. Hub files go through huggingface_hub, which honours HF_ENDPOINT mirrors and HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import requests
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Entry:
+    """One manifest entry: where a file comes from, where it goes, how to check it."""
+
+    dest: str | None = None  # relative to the manifest's root; None for hub snapshots kept in the HF cache
+    url: str | None = None
+    mirrors: list = field(default_factory=list)
+    hub: dict | None = None  # {repo, path?, repo_type: dataset|model, revision?}; no path = whole snapshot
+    md5: str | None = None
+    sha256: str | None = None
+    extract: bool = False
+    manual: str | None = None  # sources no program can fetch: the steps for a person; presence is checked
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Entry":
+        return cls(**d)
+
+
+def file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksum(entry: Entry) -> tuple[str, str] | None:
+    if entry.sha256:
+        return "sha256", entry.sha256.lower()
+    if entry.md5:
+        return "md5", entry.md5.lower()
+    return None
+
+
+def verified(path: Path, entry: Entry) -> bool:
+    check = _checksum(entry)
+    return path.is_file() and (check is None or file_digest(path, check[0]) == check[1])
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).netloc
+
+
+def auth_headers(url: str) -> dict:
+    """HF_TOKEN goes to the hub (or its HF_ENDPOINT mirror) only, never to other hosts."""
+    token = os.environ.get("HF_TOKEN")
+    host = urlparse(url).netloc
+    return {"Authorization": f"Bearer {token}"} if token and host in (_hub_host(), "huggingface.co") else {}
+
+
+def fetch_url(url: str, dest: Path, entry: Entry, session: requests.Session, retries: int = 4,
+              backoff: float = 1.0, bar_position: int = 0) -> None:
+    """Stream url to dest through dest.part, resuming with Range; verify, then rename into place."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    attempt = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        headers = {**auth_headers(url), **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            with session.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+                if r.status_code == 416:  # the part file already holds every byte
+                    break
+                if r.status_code >= 400:
+                    if r.status_code < 500 or attempt >= retries:
+                        raise DownloadError(f"HTTP {r.status_code} for {url}")
+                    raise requests.ConnectionError(f"HTTP {r.status_code}")
+                resumed = r.status_code == 206
+                if have and not resumed:
+                    log.info("%s ignored the Range request; starting %s again", url, dest.name)
+                total = int(r.headers.get("Content-Length", 0)) + (have if resumed else 0)
+                with open(part, "ab" if resumed else "wb") as f, tqdm(
+                        total=total or None, initial=have if resumed else 0, unit="B", unit_scale=True,
+                        desc=dest.name, position=bar_position, leave=False, disable=None) as bar:
+                    for chunk in r.iter_content(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                if total and part.stat().st_size < total:
+                    raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            attempt += 1
+            if attempt > retries:
+                raise DownloadError(f"{url}: giving up after {retries} retries ({e})") from None
+            log.warning("%s: %s; retry %d of %d", url, e, attempt, retries)
+            time.sleep(backoff * 2 ** (attempt - 1))
+    check = _checksum(entry)
+    if check:
+        got = file_digest(part, check[0])
+        if got != check[1]:
+            bad = dest.with_name(dest.name + ".bad")
+            os.replace(part, bad)
+            raise DownloadError(f"{url}: {check[0]} mismatch for {dest}: expected {check[1]}, got {got} "
+                                f"(the file is kept aside as {bad} and not used)")
+    os.replace(part, dest)
+
+
+def fetch_hub(entry: Entry, root: Path) -> Path | None:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    hub = entry.hub
+    kwargs = {"repo_id": hub["repo"], "repo_type": hub.get("repo_type", "model"), "revision": hub.get("revision")}
+    try:
+        if "path" not in hub:
+            return Path(snapshot_download(**kwargs, local_dir=root / entry.dest if entry.dest else None))
+        dest = root / entry.dest
+        path = Path(hf_hub_download(**kwargs, filename=hub["path"], local_dir=dest.parent))
+        if path != dest:
+            os.replace(path, dest)
+        return dest
+    except Exception as e:  # huggingface_hub's errors carry the status and the URL
+        raise DownloadError(f"hub {hub['repo']}/{hub.get('path', '')}: {e}") from None
+
+
+def _inside(target: Path, name: str) -> bool:
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and (target / name).resolve().is_relative_to(target.resolve())
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract zip or tar.* into target, refusing absolute paths, '..' and links that leave the target.
+
+    Idempotent: a marker records which archive (size, mtime) was extracted, and a rerun skips it.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    st = archive.stat()
+    marker = target / f".extracted-{archive.name}"
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    if marker.exists() and marker.read_text() == stamp:
+        return
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if not _inside(target, info.filename):
+                    raise DownloadError(f"{archive}: refusing member {info.filename!r}, it leaves {target}")
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DownloadError(f"{archive}: refusing symlink member {info.filename!r}")
+            z.extractall(target)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if not _inside(target, m.name):
+                    raise DownloadError(f"{archive}: refusing member {m.name!r}, it leaves {target}")
+                if (m.issym() or m.islnk()) and not _inside(target, str(PurePosixPath(m.name).parent / m.linkname)):
+                    raise DownloadError(f"{archive}: refusing link {m.name!r} -> {m.linkname!r}, it leaves {target}")
+                if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                    raise DownloadError(f"{archive}: refusing special member {m.name!r}")
+            t.extractall(target, filter="data")
+    else:
+        raise DownloadError(f"{archive}: not a zip or tar archive")
+    marker.write_text(stamp)
+
+
+def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0) -> str:
+    """Bring one entry into place; returns what happened (for the log)."""
+    if entry.manual:
+        dest = root / entry.dest
+        if not dest.exists():
+            raise DownloadError(f"{dest} is missing and cannot be fetched by program. Manual step: {entry.manual}")
+        return f"present (manual): {entry.dest}"
+    if entry.hub:
+        fetch_hub(entry, root)
+        return f"hub: {entry.hub['repo']} {entry.hub.get('path', '(snapshot)')}"
+    dest = root / entry.dest
+    if verified(dest, entry):
+        how = "already in place"
+    else:
+        errors = []
+        for url in [entry.url, *entry.mirrors]:
+            try:
+                fetch_url(url, dest, entry, session, bar_position=position)
+                break
+            except DownloadError as e:
+                errors.append(str(e))
+                if "mismatch" in str(e):
+                    raise
+        else:
+            raise DownloadError("; ".join(errors))
+        how = "downloaded"
+    if entry.extract:
+        safe_extract(dest, dest.parent)
+        how += ", extracted"
+    return f"{how}: {entry.dest}"
+
+
+def download(entries: list[Entry], root: str | Path, jobs: int = 4) -> list[str]:
+    """Fetch every entry (in parallel); all errors are collected and raised together at the end."""
+    root = Path(root)
+    session = requests.Session()
+    session.headers["User-Agent"] = "llavaflow"
+    results, errors = [], []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(fetch, e, root, session, i % jobs) for i, e in enumerate(entries)]
+        for f in futures:
+            try:
+                results.append(f.result())
+                log.info(results[-1])
+            except DownloadError as e:
+                errors.append(str(e))
+    if errors:
+        raise DownloadError("\n".join(errors))
+    return results
