@@ -10,6 +10,8 @@ if TINY:
         benchmark:
             "results/benchmarks/build_tiny_assets.tsv"
         params:
+            python=python_exe,
+            scripts=scripts_dir,
             seed=0,
             datasets=config["mmbench"]["datasets"],
             code=code_hash("tiny.py", "eval/prompt.py", "constants.py"),
@@ -17,6 +19,8 @@ if TINY:
         resources:
             mem_mb=2000,
             runtime=10,
+        conda:
+            "../envs/llavaflow.yaml"
         shell:
-            "{PYTHON} {SCRIPTS}/build_tiny_assets.py --out {output.assets} --mmbench-dir results/mmbench/data"
+            "{params.python} {params.scripts}/build_tiny_assets.py --out {output.assets} --mmbench-dir results/mmbench/data"
             " --datasets {params.datasets} --seed {params.seed} > {log} 2>&1"

@@ -50,7 +50,20 @@ TRAIN_CODE = code_hash("train", "model", "data", "template.py", "constants.py")
 
 
 def recipe_json(stage):
-    return json.dumps(stage_recipe(config, stage).to_dict(), sort_keys=True)
+    """The stage's recipe without its volatile keys: a tracked param, so changing it reruns the stage."""
+    recipe = stage_recipe(config, stage)
+    return json.dumps({k: v for k, v in recipe.to_dict().items() if k not in recipe.VOLATILE}, sort_keys=True)
+
+
+def recipe_volatile(stage):
+    """Checkpoint interval, workers, logging: passed through an untracked param (a function of resources)."""
+    recipe = stage_recipe(config, stage)
+    volatile = json.dumps({k: getattr(recipe, k) for k in recipe.VOLATILE}, sort_keys=True)
+
+    def param(wildcards, resources):
+        return volatile
+
+    return param
 
 
 def world_size(stage):
@@ -65,9 +78,22 @@ def training_inputs(stage):
     return inputs
 
 
-def torchrun(stage):
+def python_exe(wildcards, resources):
+    """The interpreter of the jobs; a function of resources, so not a tracked param (moving a venv reruns nothing)."""
+    return PYTHON
+
+
+def scripts_dir(wildcards, resources):
+    return str(SCRIPTS)
+
+
+def torchrun(ranks):
     """Single-node launcher; ranks come from config (they set the global batch), not from resources."""
-    return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {config[stage]['gpus_per_node']}"
+
+    def launcher(wildcards, resources):
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ranks}"
+
+    return launcher
 
 
 CONVERT_CODE = code_hash("convert", "model", "template.py")

@@ -13,6 +13,8 @@ rule pth_to_hf:
     benchmark:
         "results/benchmarks/pth_to_hf.tsv"
     params:
+        python=python_exe,
+        scripts=scripts_dir,
         llm=config["model"]["llm"],
         visual_encoder=config["model"]["visual_encoder"],
         dtype=config["convert"]["dtype"],
@@ -21,8 +23,10 @@ rule pth_to_hf:
     resources:
         mem_mb=16000,
         runtime=120,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
+        "{params.python} {params.scripts}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
         " --dtype {params.dtype} > {log} 2>&1"
 
 
@@ -36,13 +40,17 @@ rule phi_to_llama:
     benchmark:
         "results/benchmarks/phi_to_llama.tsv"
     params:
+        python=python_exe,
+        scripts=scripts_dir,
         code=CONVERT_CODE,
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
+        "{params.python} {params.scripts}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
 
 
 rule export_llava:
@@ -56,6 +64,8 @@ rule export_llava:
     benchmark:
         "results/benchmarks/export_llava.tsv"
     params:
+        python=python_exe,
+        scripts=scripts_dir,
         dtype=config["convert"]["dtype"],
         tower=mm_vision_tower(),
         code=CONVERT_CODE,
@@ -63,8 +73,10 @@ rule export_llava:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "{params.python} {params.scripts}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --mm_vision_tower {params.tower} --dtype {params.dtype} > {log} 2>&1"
 
@@ -80,13 +92,17 @@ rule export_hf:
     benchmark:
         "results/benchmarks/export_hf.tsv"
     params:
+        python=python_exe,
+        scripts=scripts_dir,
         dtype=config["convert"]["dtype"],
         code=CONVERT_CODE,
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "{params.python} {params.scripts}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --dtype {params.dtype} > {log} 2>&1"

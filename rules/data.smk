@@ -11,6 +11,8 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_data/{stage}.tsv"
         params:
+            python=python_exe,
+            scripts=scripts_dir,
             entries=download_entries,
             root=data_root,
             jobs=config["downloads"]["jobs"],
@@ -23,8 +25,10 @@ if not TINY:
         resources:
             mem_mb=4000,
             runtime=24 * 60,
+        conda:
+            "../envs/llavaflow.yaml"
         shell:
-            "{PYTHON} {SCRIPTS}/download.py --root {params.root} --entries {params.entries:q} --jobs {params.jobs}"
+            "{params.python} {params.scripts}/download.py --root {params.root} --entries {params.entries:q} --jobs {params.jobs}"
             " --done {output} > {log} 2>&1"
 
     rule check_data:
@@ -37,6 +41,8 @@ if not TINY:
         benchmark:
             "results/benchmarks/check_data/{stage}.tsv"
         params:
+            python=python_exe,
+            scripts=scripts_dir,
             sources=check_sources,
             on_bad=config["data"]["on_bad_sample"],
             code=code_hash("data/check.py", "data/dataset.py"),
@@ -46,8 +52,10 @@ if not TINY:
         resources:
             mem_mb=8000,
             runtime=4 * 60,
+        conda:
+            "../envs/llavaflow.yaml"
         shell:
-            "{PYTHON} {SCRIPTS}/check_data.py --sources {params.sources:q} --on-bad-sample {params.on_bad}"
+            "{params.python} {params.scripts}/check_data.py --sources {params.sources:q} --on-bad-sample {params.on_bad}"
             " --report results/data/{wildcards.stage}.bad_images.tsv --out {output} > {log} 2>&1"
 
     rule download_mmbench:
@@ -58,6 +66,8 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_mmbench/{dataset}.tsv"
         params:
+            python=python_exe,
+            scripts=scripts_dir,
             entries=mmbench_entry,
             code=code_hash("download.py"),
         localrule: True
@@ -66,5 +76,7 @@ if not TINY:
         resources:
             mem_mb=1000,
             runtime=60,
+        conda:
+            "../envs/llavaflow.yaml"
         shell:
-            "{PYTHON} {SCRIPTS}/download.py --root results/mmbench/data --entries {params.entries:q} > {log} 2>&1"
+            "{params.python} {params.scripts}/download.py --root results/mmbench/data --entries {params.entries:q} > {log} 2>&1"

@@ -14,20 +14,23 @@ rule mmbench_eval:
     benchmark:
         "results/benchmarks/mmbench_eval/{dataset}.tsv"
     params:
+        scripts=scripts_dir,
         template=config["mmbench"]["prompt_template"],
         policy=config["mmbench"]["policy"],
         max_new_tokens=config["mmbench"]["max_new_tokens"],
         code=EVAL_CODE,
         batch_size=config["mmbench"]["batch_size"],
-        launcher=f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {config['mmbench']['gpus']}",
+        launcher=torchrun(config["mmbench"]["gpus"]),
     threads: 2
     resources:
         gpu=config["mmbench"]["gpus"],
         nodes=1,
         mem_mb=32000,
         runtime=60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {SCRIPTS}/mmbench_eval.py {input.model} --data-path {input.tsv}"
+        "{params.launcher} {params.scripts}/mmbench_eval.py {input.model} --data-path {input.tsv}"
         " --work-dir results/mmbench/{wildcards.dataset} --dataset {wildcards.dataset}"
         " --prompt-template {params.template} --policy {params.policy} --max-new-tokens {params.max_new_tokens}"
         " --batch-size {params.batch_size} > {log} 2>&1"

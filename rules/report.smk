@@ -11,11 +11,15 @@ rule report:
     benchmark:
         "results/benchmarks/report.tsv"
     params:
+        python=python_exe,
+        scripts=scripts_dir,
         code=code_hash("report.py"),
     localrule: True
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/report.py --out {output} {input} > {log} 2>&1"
+        "{params.python} {params.scripts}/report.py --out {output} {input} > {log} 2>&1"

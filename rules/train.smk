@@ -12,18 +12,22 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain.tsv"
     params:
+        scripts=scripts_dir,
         recipe=recipe_json("pretrain"),
+        volatile=recipe_volatile("pretrain"),
         world=world_size("pretrain"),
         code=TRAIN_CODE,
-        launcher=torchrun("pretrain"),
+        launcher=torchrun(config["pretrain"]["gpus_per_node"]),
     threads: 4
     resources:
         gpu=config["pretrain"]["gpus_per_node"],
         nodes=config["pretrain"]["nodes"],
         mem_mb=64000,
         runtime=24 * 60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {SCRIPTS}/train.py --recipe {params.recipe:q}"
+        "{params.launcher} {params.scripts}/train.py --recipe {params.recipe:q} --set {params.volatile:q}"
         " --work-dir results/pretrain/work_dir --output {output} > {log} 2>&1"
 
 
@@ -37,16 +41,20 @@ rule finetune:
     benchmark:
         "results/benchmarks/finetune.tsv"
     params:
+        scripts=scripts_dir,
         recipe=recipe_json("finetune"),
+        volatile=recipe_volatile("finetune"),
         world=world_size("finetune"),
         code=TRAIN_CODE,
-        launcher=torchrun("finetune"),
+        launcher=torchrun(config["finetune"]["gpus_per_node"]),
     threads: 4
     resources:
         gpu=config["finetune"]["gpus_per_node"],
         nodes=config["finetune"]["nodes"],
         mem_mb=128000,
         runtime=72 * 60,
+    conda:
+        "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {SCRIPTS}/train.py --recipe {params.recipe:q}"
+        "{params.launcher} {params.scripts}/train.py --recipe {params.recipe:q} --set {params.volatile:q}"
         " --work-dir results/finetune/work_dir --output {output} > {log} 2>&1"

@@ -55,3 +55,66 @@ def test_fast_path_and_batching_give_the_same_predictions(dag, tmp_path, extra):
     ours = pd.read_csv(tmp_path / "predictions.csv").set_index("index")["prediction"]
     dags = pd.read_csv(res / "mmbench" / "MMBench_DEV_EN" / "predictions.csv").set_index("index")["prediction"]
     assert ours.sort_index().astype(str).tolist() == dags.sort_index().astype(str).tolist()
+
+
+def scheduled(workdir, snakefile=ROOT / "Snakefile", configfile=ROOT / "config" / "tiny.yaml"):
+    proc = run([sys.executable, "-m", "snakemake", "all", "-n", "--cores", "2", "--snakefile", str(snakefile),
+                "--directory", str(workdir), "--configfile", str(configfile)])
+    out = proc.stdout
+    if "Nothing to be done" in out:
+        return set()
+    table = out.split("Job stats:")[1].split("total")[0]
+    import re
+
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", table, re.M)}
+
+
+def changed_config(tmp_path, section, key, value):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
+    cfg[section][key] = value
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+AFTER_FINETUNE = {"finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "mmbench_eval", "report", "all"}
+
+
+def test_changed_finetune_lr_reruns_finetune_and_after_but_not_pretrain(dag, tmp_path):
+    assert scheduled(dag, configfile=changed_config(tmp_path, "finetune", "lr", 5e-4)) == AFTER_FINETUNE
+
+
+def test_changed_evaluation_setting_reruns_only_evaluation(dag, tmp_path):
+    assert scheduled(dag, configfile=changed_config(tmp_path, "mmbench", "max_new_tokens", 50)) == {
+        "mmbench_eval", "report", "all"}
+
+
+def test_runtime_limits_are_not_part_of_the_result(dag, tmp_path):
+    assert scheduled(dag, configfile=changed_config(tmp_path, "finetune", "num_workers", 0)) == set()
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A copy of the code, to edit a module without touching the real checkout."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", "results", ".git", ".snakemake", "__pycache__"))
+    return copy
+
+
+def test_edited_conversion_module_reruns_the_conversions(dag, checkout):
+    module = checkout / "workflow" / "llavaflow" / "convert" / "tables.py"
+    module.write_text(module.read_text() + "\n# an edit\n")
+    assert scheduled(dag, checkout / "Snakefile") == {
+        "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "mmbench_eval", "report", "all"}
+
+
+def test_touched_but_unchanged_files_do_not_retrain(dag, checkout):
+    import os
+    import time
+
+    later = time.time() + 60
+    for f in (checkout / "workflow" / "llavaflow" / "train" / "loop.py", checkout / "config" / "tiny.yaml"):
+        os.utime(f, (later, later))
+    assert scheduled(dag, checkout / "Snakefile", checkout / "config" / "tiny.yaml") == set()

@@ -9,23 +9,24 @@ import sys
 from pathlib import Path
 
 
-def _load_recipe(value: str):
+def _load_recipe(value: str, overrides: str | None = None):
     import yaml
 
     from .train.recipe import Recipe
 
     if value.lstrip().startswith("{"):
-        return Recipe.from_dict(json.loads(value))
-    path = Path(value)
-    # YAML 1.1 reads 1e-8 as a string, so JSON files go through the JSON parser.
-    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    return Recipe.from_dict(data)
+        data = json.loads(value)
+    else:
+        path = Path(value)
+        # YAML 1.1 reads 1e-8 as a string, so JSON files go through the JSON parser.
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    return Recipe.from_dict({**data, **(json.loads(overrides) if overrides else {})})
 
 
 def cmd_train(args) -> None:
     from .train.loop import train
 
-    train(_load_recipe(args.recipe), args.work_dir, args.output)
+    train(_load_recipe(args.recipe, args.set), args.work_dir, args.output)
 
 
 def cmd_build_tiny(args) -> None:
@@ -270,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run one training stage (launch with torchrun for several ranks)")
     t.add_argument("--recipe", required=True, help="the stage recipe: a JSON/YAML file or an inline JSON object")
+    t.add_argument("--set", help="JSON object of recipe keys to override (e.g. save_steps, num_workers)")
     t.add_argument("--work-dir", required=True, help="resume state (iter_N.pth checkpoints); reruns resume from it")
     t.add_argument("--output", required=True, help="where the final checkpoint is published when the run completes")
     t.set_defaults(func=cmd_train)
