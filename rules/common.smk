@@ -125,3 +125,11 @@ def check_sources(wildcards):
 
 def mmbench_entry(wildcards):
     return json.dumps([dict(config["downloads"]["mmbench"][wildcards.dataset], dest=f"{wildcards.dataset}.tsv")])
+
+
+def report_benchmarks():
+    """Benchmark files of every job before the report (they are outputs of those jobs)."""
+    jobs = ["pretrain", "finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava"]
+    jobs += ["build_tiny_assets"] if TINY else [f"download_data/{s}" for s in ("pretrain", "finetune")]
+    jobs += [f"mmbench_eval/{d}" for d in config["mmbench"]["datasets"]]
+    return [f"results/benchmarks/{j}.tsv" for j in jobs]

@@ -3,9 +3,14 @@
 
 rule report:
     input:
-        expand("results/mmbench/{dataset}/summary.json", dataset=config["mmbench"]["datasets"]),
+        summaries=expand("results/mmbench/{dataset}/summary.json", dataset=config["mmbench"]["datasets"]),
+        pretrain="results/pretrain/final.pth",
+        finetune="results/finetune/final.pth",
+        benchmarks=report_benchmarks(),
     output:
-        report("results/report/mmbench_summary.tsv", caption="../workflow/report/mmbench.rst", category="Evaluation"),
+        mmbench=report("results/report/mmbench_summary.tsv", caption="../workflow/report/mmbench.rst", category="Evaluation"),
+        curves=report("results/report/training_curves.svg", caption="../workflow/report/curves.rst", category="Training"),
+        runtimes=report("results/report/stage_runtimes.tsv", caption="../workflow/report/runtimes.rst", category="Runtime"),
     log:
         "results/logs/report.log",
     benchmark:
@@ -22,4 +27,7 @@ rule report:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/report.py --out {output} {input} > {log} 2>&1"
+        "{params.python} {params.scripts}/report.py --out {output.mmbench} --curves {output.curves}"
+        " --runtimes {output.runtimes} --metrics pretrain={input.pretrain}/metrics.jsonl"
+        " finetune={input.finetune}/metrics.jsonl --benchmarks {input.benchmarks} --summaries {input.summaries}"
+        " > {log} 2>&1"
