@@ -149,3 +149,26 @@ def test_upper_case_l2_header_is_read(tsv, tmp_path):
     df = pd.read_csv(tsv, sep="\t").rename(columns={"l2-category": "L2-category"})
     df.to_csv(tmp_path / "x.tsv", sep="\t", index=False)
     assert "l2-category" in read_benchmark(tmp_path / "x.tsv").columns
+
+
+def test_two_ranks_shard_the_rows_and_merge_like_one_process(converted, tiny, tmp_path):
+    """torchrun with 2 CPU ranks: the merged predictions equal a single process's, row for row."""
+    import sys
+
+    from conftest import ROOT, run
+
+    tsv = tiny["mmbench"] / "MMBench_DEV_EN.tsv"
+    args = [str(converted["out"] / "iter_xtuner"), "--data-path", str(tsv), "--max-new-tokens", "6", "--batch-size", "4"]
+    run([sys.executable, "-m", "llavaflow.cli", "mmbench", *args, "--work-dir", str(tmp_path / "one")])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "workflow" / "scripts" / "mmbench_eval.py"), *args, "--work-dir", str(tmp_path / "two")],
+        env={"OMP_NUM_THREADS": "1"})
+    one = pd.read_csv(tmp_path / "one" / "predictions.csv")
+    two = pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert len(list((tmp_path / "two" / "cache").glob("predictions.rank*.jsonl"))) == 2
+    assert one["index"].tolist() == two["index"].tolist()
+    assert one["prediction"].astype(str).tolist() == two["prediction"].astype(str).tolist()
+    # a rerun reuses every cached row: nothing is predicted again
+    before = (tmp_path / "one" / "cache" / "predictions.rank0.jsonl").read_text()
+    run([sys.executable, "-m", "llavaflow.cli", "mmbench", *args, "--work-dir", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "cache" / "predictions.rank0.jsonl").read_text() == before

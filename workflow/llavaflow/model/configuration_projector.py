@@ -1,5 +1,5 @@
 # Self-contained on purpose: pth_to_hf copies this file into projector/ so that the folder loads with
-# AutoModel.from_pretrained(..., trust_remote_code=True), as xtuner's does. Import nothing from llavaflow.
+# AutoModel.from_pretrained with remote code allowed, as xtuner's does. Import nothing from llavaflow.
 from transformers import PretrainedConfig
 
 
