@@ -64,7 +64,7 @@ def _check_llama(text_model: Path) -> dict:
 def _write_weights(out: Path, table: dict, text_model, vision_model, projector_weight, dtype, shard_bytes) -> None:
     writer = ShardWriter(out, shard_bytes)
     for part, name, tensor in _sources(Path(text_model), Path(vision_model), Path(projector_weight)):
-        writer.add(rename(part, name, table), tensor.to(dtype))
+        writer.add(rename(part, name, table), tensor, dtype)
     writer.close()
 
 

@@ -11,7 +11,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,34 +43,78 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ConversionError(f"{path}: cannot read safetensors file ({e})") from e
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most max_shard_bytes, holding one shard in memory."""
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, metadata: dict | None = None):
-        self.folder, self.max_bytes = folder, max_shard_bytes
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor read from a memory-mapped checkpoint (they re-read on access)."""
+    import ctypes
+    import mmap
+
+    storage = tensor.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page  # only whole pages inside this storage
+    length = (start + size) // page * page - first
+    if length > 0:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), 4)  # DONTNEED
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most max_shard_bytes, streaming one tensor at a time.
+
+    Tensors are kept as references until their shard is written; each is then cast, written straight to
+    the file and let go, so memory stays near one tensor. With `release_sources` (for sources read from a
+    read-only memory-mapped checkpoint) the source's pages are dropped once written.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, metadata: dict | None = None,
+                 release_sources: bool = False):
+        self.folder, self.max_bytes, self.release = folder, max_shard_bytes, release_sources
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
+        self.pending: list[tuple[str, torch.Tensor, torch.dtype]] = []
+        self.pending_bytes = 0
+        self.names: set[str] = set()
         self.shards: list[list[str]] = []
         self.total = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.buffer or any(name in s for s in self.shards):
+    def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        if name in self.names:
             raise ConversionError(f"tensor {name} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
+        dtype = dtype or tensor.dtype
+        size = tensor.numel() * dtype.itemsize
+        if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += size
+        self.names.add(name)
+        self.pending.append((name, tensor, dtype))
+        self.pending_bytes += size
         self.total += size
 
     def _flush(self) -> None:
-        save_file(self.buffer, str(self.folder / f"shard-{len(self.shards):05d}.part"), metadata=self.metadata)
-        self.shards.append(list(self.buffer))
-        self.buffer, self.buffered = {}, 0
+        header, offset = {}, 0
+        for name, t, dtype in self.pending:
+            n = t.numel() * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(self.folder / f"shard-{len(self.shards):05d}.part", "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for _, src, dtype in self.pending:
+                t = src.to(dtype).contiguous()
+                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+                del t
+                if self.release:
+                    _release_pages(src)
+        self.shards.append([name for name, _, _ in self.pending])
+        self.pending, self.pending_bytes = [], 0
 
     def close(self) -> None:
-        if self.buffer or not self.shards:
+        if self.pending or not self.shards:
             self._flush()
         n = len(self.shards)
         if n == 1:

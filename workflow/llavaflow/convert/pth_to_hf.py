@@ -55,9 +55,9 @@ def write_llm(tensors: dict, base: str, out: Path, dtype: torch.dtype, source, s
     config = AutoConfig.from_pretrained(src)
     ours = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     _check_shapes("LLM", ours, _llm_shapes(config), source)
-    writer = ShardWriter(out, shard_bytes)
+    writer = ShardWriter(out, shard_bytes, release_sources=True)
     for name in sorted(ours):
-        writer.add(name, ours[name].to(dtype))
+        writer.add(name, ours[name], dtype)
     writer.close()
     config.use_cache = True
     config.dtype = dtype
@@ -82,9 +82,9 @@ def write_visual_encoder(tensors: dict, base: str, out: Path, source) -> None:
     expected = {clip_legacy(k): v for k, v in _expected_shapes(CLIPVisionModel, config).items()}
     _check_shapes("visual encoder", legacy, expected, source)
     out.mkdir()
-    writer = ShardWriter(out, max_shard_bytes=1 << 40)
+    writer = ShardWriter(out, max_shard_bytes=1 << 40, release_sources=True)
     for name in sorted(legacy):
-        writer.add(name, legacy[name].float())  # the ViT stays in its training dtype, fp32, as xtuner's
+        writer.add(name, legacy[name], torch.float32)  # the ViT stays in its training dtype, fp32, as xtuner's
     writer.close()
     config.architectures = ["CLIPVisionModel"]
     config.save_pretrained(out)
