@@ -87,13 +87,35 @@ def scripts_dir(wildcards, resources):
     return str(SCRIPTS)
 
 
-def torchrun(ranks):
-    """Single-node launcher; ranks come from config (they set the global batch), not from resources."""
+def torchrun(ranks, nodes=1):
+    """The launcher; ranks come from config (they set the global batch), not from resources.
+
+    One node: torchrun --standalone. Several (SLURM): one torchrun per node through srun, the SLURM
+    variables read inside the step (the job shell has none of them); the script and its arguments reach
+    torchrun as "$0" "$@", so nothing is quoted twice.
+    """
 
     def launcher(wildcards, resources):
-        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ranks}"
+        if nodes == 1:
+            return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {ranks}"
+        cpus = getattr(resources, "cpus_per_task", None) or 8
+        step = (f"exec {PYTHON} -m torch.distributed.run --nnodes \"$SLURM_NNODES\" --node_rank \"$SLURM_NODEID\""
+                f" --nproc_per_node {ranks} --rdzv_backend c10d --rdzv_id \"$SLURM_JOB_ID\""
+                " --rdzv_endpoint \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1):29500\" \"$0\" \"$@\"")
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {cpus} --gres gpu:{ranks}"
+                f" --kill-on-bad-exit 1 bash -c '{step}'")
 
     return launcher
+
+
+def train_resources(stage, mem_mb, runtime):
+    """Single node: gpu + nodes=1 (--gpus, --nodes=1). Several: per-node gres + an MPI-style job of one task
+    per node (tasks_per_gpu=0 keeps the plugin from adding --ntasks-per-gpu)."""
+    s = config[stage]
+    res = {"mem_mb": mem_mb, "runtime": runtime, "nodes": s["nodes"]}
+    if s["nodes"] == 1:
+        return {**res, "gpu": s["gpus_per_node"]}
+    return {**res, "gres": f"gpu:{s['gpus_per_node']}", "mpi": "srun", "tasks": s["nodes"], "tasks_per_gpu": 0}
 
 
 CONVERT_CODE = code_hash("convert", "model", "template.py")

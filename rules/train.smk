@@ -17,13 +17,10 @@ rule pretrain:
         volatile=recipe_volatile("pretrain"),
         world=world_size("pretrain"),
         code=TRAIN_CODE,
-        launcher=torchrun(config["pretrain"]["gpus_per_node"]),
+        launcher=torchrun(config["pretrain"]["gpus_per_node"], config["pretrain"]["nodes"]),
     threads: 4
     resources:
-        gpu=config["pretrain"]["gpus_per_node"],
-        nodes=config["pretrain"]["nodes"],
-        mem_mb=64000,
-        runtime=24 * 60,
+        **train_resources("pretrain", mem_mb=64000, runtime=24 * 60),
     conda:
         "../envs/llavaflow.yaml"
     shell:
@@ -46,13 +43,10 @@ rule finetune:
         volatile=recipe_volatile("finetune"),
         world=world_size("finetune"),
         code=TRAIN_CODE,
-        launcher=torchrun(config["finetune"]["gpus_per_node"]),
+        launcher=torchrun(config["finetune"]["gpus_per_node"], config["finetune"]["nodes"]),
     threads: 4
     resources:
-        gpu=config["finetune"]["gpus_per_node"],
-        nodes=config["finetune"]["nodes"],
-        mem_mb=128000,
-        runtime=72 * 60,
+        **train_resources("finetune", mem_mb=128000, runtime=72 * 60),
     conda:
         "../envs/llavaflow.yaml"
     shell:

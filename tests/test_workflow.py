@@ -87,3 +87,24 @@ def test_env_pins_satisfy_the_package_requirements():
         assert Requirement(reqs[name]).specifier.contains(version), f"{name}=={version} violates {reqs[name]}"
     missing = set(reqs) - set(pins) - {"torch", "snakemake", "snakemake-executor-plugin-slurm"}
     assert not missing, f"dependencies without a pin in envs/llavaflow.yaml: {missing}"
+
+
+def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["finetune"]["nodes"] = 2
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run(SNAKEMAKE + ["results/finetune/final.pth", "-n", "-p", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),
+                            "--directory", str(tmp_path), "--configfile", str(path), "--profile", str(ROOT / "profiles" / "slurm")])
+    out = proc.stdout + proc.stderr
+    finetune = out.split("rule finetune:")[1]
+    resources = dict(kv.split("=", 1) for kv in finetune.split("resources: ")[1].split("\n")[0].split(", "))
+    # per-node GPUs as gres, one task per node, no --ntasks-per-gpu (snakemake.md §11.2)
+    assert resources["nodes"] == "2" and resources["gres"] == "gpu:8" and resources["mpi"] == "srun"
+    assert resources["tasks"] == "2" and resources["tasks_per_gpu"] == "0" and "gpu" not in resources
+    shell = finetune.split("Shell command: ")[1].split("\n")[0]
+    assert shell.startswith("srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 --kill-on-bad-exit 1 bash -c ")
+    assert '--nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node 8 --rdzv_backend c10d' in shell
+    assert '"$0" "$@"\' ' + str(ROOT / "workflow" / "scripts" / "train.py") in shell
+    pretrain = out.split("rule pretrain:")[1].split("resources: ")[1].split("\n")[0]
+    assert "gpu=8" in pretrain and "nodes=1" in pretrain  # the single-node stage keeps --gpus
