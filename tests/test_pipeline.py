@@ -118,3 +118,43 @@ def test_touched_but_unchanged_files_do_not_retrain(dag, checkout):
     for f in (checkout / "workflow" / "llavaflow" / "train" / "loop.py", checkout / "config" / "tiny.yaml"):
         os.utime(f, (later, later))
     assert scheduled(dag, checkout / "Snakefile", checkout / "config" / "tiny.yaml") == set()
+
+
+def test_killed_training_job_resumes_with_rerun_incomplete(tmp_path):
+    """Kill Snakemake and its training job mid-run; the rerun (--rerun-incomplete) resumes from iter_N.pth."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
+    cfg["finetune"].update(epochs=1, save_steps=20)
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "w"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "snakemake", "results/finetune/final.pth", "--cores", "2", "--snakefile",
+           str(ROOT / "Snakefile"), "--directory", str(work), "--configfile", str(path)]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt_dir = work / "results" / "finetune" / "work_dir"
+    deadline = time.time() + 600
+    while not list(ckpt_dir.glob("iter_*.pth/complete")):
+        assert proc.poll() is None and time.time() < deadline, "finetune ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies, as with a lost ssh session ...
+    subprocess.run(["pkill", "-KILL", "-f", "--", f"--work-dir results/finetune/work_dir --output results/finetune/final.pth"])
+    proc.wait()
+    while subprocess.run(["pgrep", "-f", "--", "--work-dir results/finetune/work_dir"], capture_output=True).returncode == 0:
+        time.sleep(0.1)  # ... and so do its training ranks
+    assert not (work / "results" / "finetune" / "final.pth").exists()
+
+    run(cmd + ["--unlock"], cwd=work)  # a killed driver leaves its lock behind
+    rerun = run(cmd + ["--rerun-incomplete"], cwd=work, timeout=900)
+    log = (work / "results" / "logs" / "finetune.log").read_text()
+    assert "resuming at iteration 20" in log or "resuming at iteration 40" in log, log[-2000:]
+    metrics = [json.loads(line) for line in (work / "results" / "finetune" / "final.pth" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics] == list(range(1, len(metrics) + 1))  # every iteration exactly once
+    out = rerun.stdout + rerun.stderr
+    assert "pretrain" not in out.split("Job stats:")[1].split("total")[0]  # finished stages stay done
