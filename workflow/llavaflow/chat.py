@@ -15,7 +15,7 @@ import torch
 
 from .constants import IMAGE_TOKEN_INDEX
 from .data.conversation import Turn, encode_prompt, encode_turns
-from .data.images import ImageError, ImageTransform, open_image
+from .data.images import ImageError, open_image
 from .template import PromptTemplate
 
 HELP = "commands: /image PATH_OR_URL (new image, new conversation), /reset (or RESET), /exit (or EXIT)"
@@ -37,14 +37,10 @@ def fetch_image(source: str):
 
 class XtunerBackend:
     def __init__(self, folder: str, dtype, device, visual_encoder=None):
-        from transformers import AutoTokenizer, CLIPImageProcessor
+        from .model.loading import load_xtuner_for_inference
 
-        from .model.loading import load_xtuner_llava
-
-        self.model = load_xtuner_llava(folder, dtype, visual_encoder, device=device)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        vit = visual_encoder or Path(folder) / "visual_encoder"
-        self.transform = ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
+        self.model, self.tokenizer, self.transform = load_xtuner_for_inference(folder, dtype, visual_encoder,
+                                                                               device=device)
 
     def pixels(self, image):
         return self.transform(image)[None]

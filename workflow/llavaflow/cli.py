@@ -133,19 +133,13 @@ def _init_ranks() -> str:
 
 
 def cmd_mmbench(args) -> None:
-    from transformers import AutoTokenizer, CLIPImageProcessor
-
-    from .data.images import ImageTransform
     from .eval.mmbench import evaluate, folder_fingerprint
-    from .model.loading import load_xtuner_llava
+    from .model.loading import load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
     device = _init_ranks()
-    model = load_xtuner_llava(folder, _dtype(args.torch_dtype, device), args.visual_encoder,
-                              args.visual_select_layer, device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    vit = args.visual_encoder or Path(folder) / "visual_encoder"
-    transform = ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
+    model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
+                                                            args.visual_encoder, args.visual_select_layer, device)
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
              args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path,
              model_id=folder_fingerprint(folder))

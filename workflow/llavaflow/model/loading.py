@@ -57,3 +57,16 @@ def load_xtuner_llava(folder: str | Path, dtype: torch.dtype = torch.float32, vi
     model = LlavaModel(llm, vit, projector, visual_select_layer).to(device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def load_xtuner_for_inference(folder: str | Path, dtype: torch.dtype = torch.float32, visual_encoder: str | None = None,
+                              visual_select_layer: int = -2, device: str | torch.device = "cpu"):
+    """(model, tokenizer, image transform) of an xtuner-style folder, preprocessing as in training (padded)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from ..data.images import ImageTransform
+
+    model = load_xtuner_llava(folder, dtype, visual_encoder, visual_select_layer, device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vit = visual_encoder or Path(folder) / "visual_encoder"
+    return model, tokenizer, ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
