@@ -56,7 +56,7 @@ def recipe_json(stage):
 
 
 def recipe_volatile(stage):
-    """Checkpoint interval, workers, logging: passed through an untracked param (a function of resources)."""
+    """Checkpoint interval, workers, logging, speed settings: an untracked param (a function of resources)."""
     recipe = stage_recipe(config, stage)
     volatile = json.dumps({k: getattr(recipe, k) for k in recipe.VOLATILE}, sort_keys=True)
 

@@ -91,8 +91,9 @@ def test_changed_evaluation_setting_reruns_only_evaluation(dag, tmp_path):
         "mmbench_eval", "report", "all"}
 
 
-def test_runtime_limits_are_not_part_of_the_result(dag, tmp_path):
-    assert scheduled(dag, configfile=changed_config(tmp_path, "finetune", "num_workers", 0)) == set()
+@pytest.mark.parametrize("key,value", [("num_workers", 0), ("packing", False), ("gradient_checkpointing", "full")])
+def test_runtime_and_speed_settings_are_not_part_of_the_result(dag, tmp_path, key, value):
+    assert scheduled(dag, configfile=changed_config(tmp_path, "finetune", key, value)) == set()
 
 
 @pytest.fixture

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODEL_PARTS
+from .checkpointing import checkpoint_kwargs
+from .loss import fused_linear_cross_entropy
+from .packing import VARLEN, pack_rows, register_varlen_attention
 
 
 class LlavaModel(nn.Module):
@@ -22,6 +27,8 @@ class LlavaModel(nn.Module):
         self.projector = projector
         self.visual_select_layer = visual_select_layer
         self.trainable_parts: tuple[str, ...] = MODEL_PARTS
+        self.packing = False
+        self.fused_loss = False
 
     # --- which parts train -------------------------------------------------------------------
     def set_trainable(self, parts) -> None:
@@ -32,13 +39,34 @@ class LlavaModel(nn.Module):
         for name in MODEL_PARTS:
             getattr(self, name).requires_grad_(name in self.trainable_parts)
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, policy: str = "full", every_n_layers: int = 1) -> None:
+        """Checkpoint every `every_n_layers`-th block of the LLM and ViT (and the projector) under `policy`."""
+        kwargs = checkpoint_kwargs(policy)
         # As xtuner: inputs must require grad so checkpointed frozen blocks still pass gradients on.
         for name in MODEL_PARTS:
             module = getattr(self, name)
             module.enable_input_require_grads()
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
         self.llm.config.use_cache = False
+
+    def enable_packing(self) -> None:
+        """Training forward packs each micro-batch into one row with per-sample (varlen) attention."""
+        register_varlen_attention()
+        self.llm.set_attn_implementation(VARLEN)
+        self.packing = True
+
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block of the LLM and ViT (as torchtune does): small graphs
+        that compile once per block type, and no graph breaks from the Python splicing around them."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.compile()
+
+    def enable_fused_loss(self) -> None:
+        """Training forward computes the loss from hidden states with the fused, chunked lm_head + CE."""
+        self.fused_loss = True
 
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
@@ -54,10 +82,8 @@ class LlavaModel(nn.Module):
         feats = out.hidden_states[self.visual_select_layer][:, 1:]
         return self.projector(feats)
 
-    def splice(self, input_ids, attention_mask, labels, image_features, padding_side: str = "right"):
-        """Replace each -200 with its image's feature rows; returns padded embeds/mask/labels/pos.
-
-        Right padding (training, as xtuner) or left padding (batched generation).
+    def sample_rows(self, input_ids, attention_mask, labels, image_features):
+        """Per sample: its embeddings with the image's feature rows in place of the -200, and its labels.
 
         Every sample owns one image slot (text-only samples carry a blank image whose features are
         kept in the graph as an empty slice, as in xtuner, so all ranks use all parameters).
@@ -91,7 +117,15 @@ class LlavaModel(nn.Module):
             feats = image_features[i].to(text.dtype)
             rows_e.append(torch.cat([text[:p], feats, text[p + 1 :]]))
             rows_l.append(torch.cat([lab[:p], lab.new_full((feats.shape[0],), IGNORE_INDEX), lab[p + 1 :]]))
+        return rows_e, rows_l
 
+    def splice(self, input_ids, attention_mask, labels, image_features, padding_side: str = "right"):
+        """Replace each -200 with its image's feature rows; returns padded embeds/mask/labels/pos.
+
+        Right padding (training, as xtuner) or left padding (batched generation).
+        """
+        rows_e, rows_l = self.sample_rows(input_ids, attention_mask, labels, image_features)
+        batch = len(rows_e)
         width = max(r.shape[0] for r in rows_e)
         hidden = rows_e[0].shape[1]
         embeds = rows_e[0].new_zeros((batch, width, hidden))
@@ -109,10 +143,20 @@ class LlavaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, **llm_kwargs):
         feats = self.encode_images(pixel_values) if pixel_values is not None else None
-        embeds, mask, labels, position_ids = self.splice(input_ids, attention_mask, labels, feats)
-        return self.llm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels, **llm_kwargs
-        )
+        if self.packing:
+            rows_e, rows_l = self.sample_rows(input_ids, attention_mask, labels, feats)
+            inputs = pack_rows(rows_e, rows_l if labels is not None else None)
+            labels = inputs.pop("labels")
+        else:
+            embeds, mask, labels, position_ids = self.splice(input_ids, attention_mask, labels, feats)
+            inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+        if labels is not None:
+            llm_kwargs.setdefault("use_cache", False)  # training: a KV cache only holds memory
+        if self.fused_loss and labels is not None:
+            hidden = self.llm.get_decoder()(**inputs, **llm_kwargs).last_hidden_state
+            loss = fused_linear_cross_entropy(hidden, self.llm.get_output_embeddings(), labels)
+            return CausalLMOutputWithPast(loss=loss)
+        return self.llm(**inputs, labels=labels, **llm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, **generate_kwargs):

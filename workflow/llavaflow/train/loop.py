@@ -26,6 +26,7 @@ from ..data.images import ImageTransform
 from ..data.sampler import LengthGroupedSampler, ShuffleSampler
 from ..model.build import build_llava
 from ..model.checkpoint import load_state_dict
+from ..model.checkpointing import normalise_policy
 from ..template import get_template
 from . import checkpoints as ckpt
 from .recipe import Recipe
@@ -85,9 +86,27 @@ def build_model(recipe: Recipe):
             raise ValueError(f"{recipe.init_from}: keys that are not in this model: {result.unexpected_keys[:5]}")
         log.info("initialised %d tensors from %s", len(state), recipe.init_from)
     model.set_trainable(recipe.train)
-    if recipe.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    apply_speedups(model, recipe)
     return model
+
+
+def apply_speedups(model, recipe: Recipe) -> None:
+    """The recipe's speed settings; none of them changes the loss or gradients (tests/test_speed.py)."""
+    policy = normalise_policy(recipe.gradient_checkpointing)
+    if policy != "none":
+        model.enable_gradient_checkpointing(policy, recipe.checkpoint_every_n_layers)
+    if recipe.packing:
+        model.enable_packing()
+    if recipe.fused_loss:
+        model.enable_fused_loss()
+    if recipe.compile:
+        model.compile_blocks()
+
+
+def build_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda" if recipe.fused_optimizer == "auto" else bool(recipe.fused_optimizer)
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
+                             weight_decay=recipe.weight_decay, fused=fused, foreach=None if fused else True)
 
 
 def build_dataset(recipe: Recipe, image_processor, tokenizer) -> LlavaDataset:
@@ -135,8 +154,7 @@ def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
         model = build_model(recipe)
         patches = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
-                                      weight_decay=recipe.weight_decay)
+        optimizer = build_optimizer(params, recipe, device)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                        config=deepspeed_config(recipe, world, precision))
         start = _resume(engine, work_dir)

@@ -30,18 +30,25 @@ class Recipe:
     max_norm: float = 1.0
     epochs: int = 1
     sampler: str = "shuffle"  # shuffle | length_grouped
-    gradient_checkpointing: bool = True
     deepspeed_stage: int = 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1024
     on_bad_sample: str = "error"
-    # Not part of the result (excluded from the fingerprint):
+    # Not part of the result (excluded from the fingerprint): bookkeeping, and the speed settings, which
+    # compute the same loss and gradients (tests/test_speed.py), so a run may change them and resume.
     save_steps: int = 1000
     save_total_limit: int = 2
     num_workers: int = 4
     log_interval: int = 10
+    gradient_checkpointing: bool | str = True  # true/full, selective, false/none
+    checkpoint_every_n_layers: int = 1
+    packing: bool = False  # padding-free micro-batches with per-sample (varlen) attention
+    fused_loss: bool = False  # chunked lm_head + cross-entropy on labelled rows only
+    fused_optimizer: bool | str = "auto"  # torch's fused AdamW; auto = on GPU
+    compile: bool = False  # torch.compile each LLM and ViT block
 
-    VOLATILE = ("save_steps", "save_total_limit", "num_workers", "log_interval")
+    VOLATILE = ("save_steps", "save_total_limit", "num_workers", "log_interval", "gradient_checkpointing",
+                "checkpoint_every_n_layers", "packing", "fused_loss", "fused_optimizer", "compile")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
