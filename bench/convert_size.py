@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import CLIP_L_336, PHI3_MINI, build_model  # noqa: F401  (sets sys.path)
+from common import CLIP_VIT_L_336, PHI3_MINI_4K, build_model  # noqa: F401  (sets sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,12 @@ def make_inputs(work: Path) -> Path:
     from llavaflow.tiny import build_tokenizer
 
     llm_dir, vit_dir = work / "base_llm", work / "base_vit"
-    Phi3Config(**PHI3_MINI).save_pretrained(llm_dir)
+    Phi3Config(**PHI3_MINI_4K).save_pretrained(llm_dir)
     build_tokenizer(llm_dir, ["a red circle", "two blue squares"] * 20, 0)  # tokenizer files to copy along
-    CLIPVisionConfig(**CLIP_L_336).save_pretrained(vit_dir)
+    CLIPVisionConfig(**CLIP_VIT_L_336).save_pretrained(vit_dir)
     CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(vit_dir)
     with torch.device("meta"):
-        model = LlavaModel(Phi3ForCausalLM(Phi3Config(**PHI3_MINI)), CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336)),
+        model = LlavaModel(Phi3ForCausalLM(Phi3Config(**PHI3_MINI_4K)), CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_L_336)),
                            new_projector(1024, 3072, 2))
     g = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16) for k, v in model.state_dict().items()}

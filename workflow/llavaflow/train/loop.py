@@ -29,6 +29,7 @@ from ..model.checkpoint import load_state_dict
 from ..model.checkpointing import normalise_policy
 from ..template import get_template
 from . import checkpoints as ckpt
+from .flops import FlopModel
 from .recipe import Recipe
 from .schedule import lr_at
 
@@ -124,9 +125,11 @@ def build_sampler(recipe: Recipe, dataset: LlavaDataset, rank: int, world: int):
     raise ValueError(f"unknown sampler {recipe.sampler!r}")
 
 
-def _tokens_in(batch: dict, patches: int) -> int:
-    n_images = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-    return int(batch["attention_mask"].sum()) + n_images * (patches - 1)
+def _sample_sizes(batch: dict, patches: int) -> tuple[list[int], list[int]]:
+    """Per sample: tokens the LLM sees (each -200 becomes `patches` rows) and images it holds."""
+    images = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(dim=1)
+    tokens = batch["attention_mask"].sum(dim=1) + images * (patches - 1)
+    return tokens.tolist(), images.tolist()
 
 
 def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
@@ -162,7 +165,8 @@ def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
             print(f"{recipe.stage}: {len(dataset)} samples, {world} rank(s), {precision}, {total} iterations "
                   f"({iters_per_epoch}/epoch), {sum(p.numel() for p in params):,} trainable parameters, "
                   f"{'resuming at iteration ' + str(start) if start else 'starting fresh'}", flush=True)
-        _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches)
+        _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
+             FlopModel.of(model))
         if rank == 0:
             _, last = ckpt.newest_checkpoint(work_dir)
             ckpt.publish(last, output, [work_dir / "metrics.jsonl"])
@@ -213,12 +217,13 @@ def _save(engine, work_dir: Path, it: int, keep: int, rank: int) -> None:
     torch.distributed.barrier()
 
 
-def _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches):
+def _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
+         flop_model: FlopModel):
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc=recipe.stage, dynamic_ncols=True,
                mininterval=1.0)
     metrics = open(work_dir / "metrics.jsonl", "a") if rank == 0 else None
     loader = None
-    tokens, t0 = 0, time.perf_counter()
+    tokens, flops, samples, t0 = 0, 0.0, 0, time.perf_counter()
     for it in range(start, total):
         epoch, k = divmod(it, iters_per_epoch)
         if loader is None or k == 0:
@@ -227,7 +232,9 @@ def _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_d
                                      num_workers=recipe.num_workers, collate_fn=collate,
                                      pin_memory=device.type == "cuda"))
         batch = next(loader)
-        tokens += _tokens_in(batch, patches)
+        sizes, images = _sample_sizes(batch, patches)
+        tokens, samples = tokens + sum(sizes), samples + len(sizes)
+        flops += sum(flop_model.sample_flops(t, i) for t, i in zip(sizes, images))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -241,12 +248,17 @@ def _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_d
         loss_value = loss_value.item() / world
         if rank == 0:
             elapsed = time.perf_counter() - t0
-            tps = tokens * world / elapsed if elapsed > 0 else 0.0
+            rate = world / elapsed if elapsed > 0 else 0.0  # this rank's work x ranks: an estimate
+            tps = tokens * rate
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tok_s=f"{tps:.0f}", refresh=False)
             bar.update(1)
             grad_norm = engine.get_global_grad_norm() if boundary else None
             record = {"iter": it + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps}
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
+                      "samples_per_s": samples * rate, "mean_tokens_per_sample": tokens / samples,
+                      "model_tflops_per_s": flops * rate / 1e12, "elapsed_s": elapsed}
+            if device.type == "cuda":
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics.write(json.dumps(record) + "\n")
             if (it + 1) % recipe.log_interval == 0:
                 metrics.flush()

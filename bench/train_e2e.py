@@ -1,0 +1,117 @@
+"""End-to-end training throughput at the real size through `llavaflow train`, printed as JSON.
+
+What a user's fine-tune pays: DeepSpeed ZeRO-2 (bf16 weights, fp32 master, AdamW), the data loader
+decoding JPEG files, the prompt template and loss mask, the training loop's own bookkeeping. Built once
+under --work: a random-init Phi-3-mini-4k (bf16 safetensors) with a small tokenizer carrying Phi-3's
+special tokens, a random-init CLIP ViT-L/14-336 with its image processor, and --samples synthetic
+samples (640x480 JPEG; conversations of 64-832 text tokens). Then one torchrun training run with the
+given speed settings; the rate is taken from metrics.jsonl over the iterations after --skip (so
+compilation and warm-up are left out).
+
+  python3 train_e2e.py --work /tmp/e2e --set packing=true fused_loss=true gradient_checkpointing=selective
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from common import H100_BF16_PEAK, build_model, device_name
+
+from llavaflow.train.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "red green blue black white shape circle square image colour left right top bottom what which".split()
+
+
+def build_assets(work: Path, samples: int, small: bool) -> None:
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from llavaflow.tiny import build_tokenizer
+
+    rng = random.Random(0)
+    data = work / "data"
+    if not (data / "train.jsonl").exists():
+        (data / "images").mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(samples):
+            img = Image.effect_noise((640, 480), 64).convert("RGB")
+            img.save(data / "images" / f"{i}.jpg", quality=90)
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 400)))
+            rows.append({"id": i, "image": f"images/{i}.jpg", "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not (work / "llm" / "config.json").exists():
+        tokenizer = build_tokenizer(work / "llm", [" ".join(WORDS)] * 50, seed=0)
+        model, _, _ = build_model(small)
+        model.llm.config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                 "pad_token_id": tokenizer.pad_token_id})
+        model.llm.to(torch.bfloat16).save_pretrained(work / "llm")
+        model.visual_encoder.to(torch.bfloat16).save_pretrained(work / "vit")
+        CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(work / "vit")
+        del model
+
+
+def windowed_rate(records: list[dict], skip: int) -> dict:
+    """Rates between iteration `skip` and the last one, from the loop's cumulative figures."""
+    a, b = records[skip - 1], records[-1]
+    dt = b["elapsed_s"] - a["elapsed_s"]
+
+    def delta(key):
+        return b[key] * b["elapsed_s"] - a[key] * a["elapsed_s"]
+
+    return {"iterations": b["iter"] - a["iter"], "seconds": round(dt, 2),
+            "tokens_per_s": round(delta("tokens_per_s") / dt, 1), "samples_per_s": round(delta("samples_per_s") / dt, 2),
+            "model_tflops_per_s": round(delta("model_tflops_per_s") / dt, 2),
+            "mfu_h100": round(delta("model_tflops_per_s") * 1e12 / dt / H100_BF16_PEAK, 4),
+            "mean_tokens_per_sample": round(b["mean_tokens_per_sample"], 1),
+            "max_memory_gib": round(b["max_memory_gib"], 1) if "max_memory_gib" in b else None}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--stage", choices=["pretrain", "finetune"], default="finetune")
+    p.add_argument("--samples", type=int, default=480)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--skip", type=int, default=10, help="iterations left out of the rate (warm-up, compilation)")
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe speed settings (JSON values)")
+    p.add_argument("--small", action="store_true", help="2-layer stand-ins, for a CPU smoke test")
+    args = p.parse_args()
+
+    build_assets(args.work, args.samples, args.small)
+    recipe = {
+        "stage": args.stage, "llm": str(args.work / "llm"), "visual_encoder": str(args.work / "vit"),
+        "datasets": [{"annotation": str(args.work / "data" / "train.jsonl"), "image_folder": str(args.work / "data")}],
+        "train": ["projector"] if args.stage == "pretrain" else ["llm", "visual_encoder", "projector"],
+        "pad_image_to_square": args.stage == "finetune", "micro_batch_size": args.micro_batch,
+        "accumulative_counts": 1, "lr": 2e-5, "epochs": 1, "max_length": 2048,
+        "sampler": "length_grouped" if args.stage == "finetune" else "shuffle",
+        "gradient_checkpointing": args.stage == "finetune", "save_steps": 10**9, "save_total_limit": 1,
+        "num_workers": args.num_workers, "log_interval": 1,
+    }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe[key] = json.loads(value)
+    run = args.work / ("run-" + args.stage)
+    subprocess.run(["rm", "-rf", str(run)], check=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(ROOT / "workflow" / "scripts" / "train.py"), "--recipe", json.dumps(recipe),
+           "--work-dir", str(run / "work"), "--output", str(run / "final.pth")]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
+    defaults = Recipe(stage="", llm="", visual_encoder="", datasets=[], train=[])
+    speed = {k: recipe.get(k, getattr(defaults, k)) for k in ("gradient_checkpointing", "checkpoint_every_n_layers",
+                                                              "packing", "fused_loss", "fused_optimizer", "compile")}
+    print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small,
+                      "micro_batch": args.micro_batch, **speed, **windowed_rate(records, args.skip)}))
+
+
+if __name__ == "__main__":
+    main()
