@@ -46,7 +46,10 @@ class LlavaModel(nn.Module):
         for name in MODEL_PARTS:
             module = getattr(self, name)
             module.enable_input_require_grads()
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
         self.llm.config.use_cache = False
 
     def enable_packing(self) -> None:
