@@ -21,6 +21,7 @@ from common import H100_BF16_PEAK, build_model, device_name
 from llavaflow.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llavaflow.data.collate import collate
 from llavaflow.train.flops import FlopModel
+from llavaflow.train.loop import apply_speedups
 
 
 def text_lengths(n: int, mode: str, fixed: int, seed: int) -> list[int]:
@@ -50,8 +51,9 @@ def main():
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lengths", choices=["fixed", "varied"], default="fixed")
     p.add_argument("--text-tokens", type=int, default=448, help="text tokens per sample with --lengths fixed")
-    p.add_argument("--checkpointing", choices=["none", "full", "selective"], default="none")
-    p.add_argument("--every-n-layers", type=int, default=1)
+    p.add_argument("--checkpointing", dest="gradient_checkpointing", choices=["none", "full", "selective"],
+                   default="none")
+    p.add_argument("--every-n-layers", dest="checkpoint_every_n_layers", type=int, default=1)
     p.add_argument("--packing", action="store_true")
     p.add_argument("--fused-loss", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -64,14 +66,7 @@ def main():
     torch.manual_seed(0)
     model, device, dtype = build_model(args.small)
     model.set_trainable(["projector"] if args.stage == "pretrain" else ["llm", "visual_encoder", "projector"])
-    if args.checkpointing != "none":
-        model.enable_gradient_checkpointing(args.checkpointing, args.every_n_layers)
-    if args.packing:
-        model.enable_packing()
-    if args.fused_loss:
-        model.enable_fused_loss()
-    if args.compile:
-        model.compile_blocks()
+    apply_speedups(model, args)  # the training loop's own switchboard, fed from the flags
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     fused = args.optimizer == "fused"
@@ -113,8 +108,8 @@ def main():
         "bench": "train_step", "stage": args.stage, "device": device_name(), "torch": torch.__version__,
         "micro_batch": args.micro_batch, "lengths": args.lengths,
         "mean_tokens_per_sample": round(tokens / (len(timed) * args.micro_batch), 1),
-        "padding_fraction": round(1 - tokens / padded, 3), "checkpointing": args.checkpointing,
-        "every_n_layers": args.every_n_layers, "packing": args.packing, "fused_loss": args.fused_loss,
+        "padding_fraction": round(1 - tokens / padded, 3), "checkpointing": args.gradient_checkpointing,
+        "every_n_layers": args.checkpoint_every_n_layers, "packing": args.packing, "fused_loss": args.fused_loss,
         "compile": args.compile, "optimizer": args.optimizer, "small": args.small,
         "step_s": round(dt / len(timed), 4), "tokens_per_s": round(tokens / dt, 1),
         "model_tflops_per_s": round(flops / dt / 1e12, 2), "mfu_h100": round(flops / dt / H100_BF16_PEAK, 4),

@@ -85,8 +85,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     window = _window(sliding_window, int(max_length_q))
     if varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, int(max_length_q), int(max_length_q),
-                          scale=scaling, window_size=window)
+        # Only a non-default scale is passed on: older varlen_attn releases lack the argument.
+        extra = {} if scaling is None or scaling == q.shape[-1] ** -0.5 else {"scale": scaling}
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_q,
+                          int(max_length_q), int(max_length_q), window_size=window, **extra)
     else:
         out = _block_causal_sdpa(q, k, v, cu_seq_lens_q, scaling, window)
     return out.unsqueeze(0), None

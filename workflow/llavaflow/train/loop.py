@@ -92,7 +92,8 @@ def build_model(recipe: Recipe):
 
 
 def apply_speedups(model, recipe: Recipe) -> None:
-    """The recipe's speed settings; none of them changes the loss or gradients (tests/test_speed.py)."""
+    """The recipe's speed settings (from a Recipe, or anything with its attribute names, as the benchmarks
+    pass); none of them changes the loss or gradients (tests/test_speed.py)."""
     policy = normalise_policy(recipe.gradient_checkpointing)
     if policy != "none":
         model.enable_gradient_checkpointing(policy, recipe.checkpoint_every_n_layers)
