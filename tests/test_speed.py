@@ -135,6 +135,10 @@ def test_fused_cross_entropy_chunks_and_frozen_head():
     hidden.grad = None
     fused_linear_cross_entropy(hidden, head, labels, chunk_rows=5).backward()
     torch.testing.assert_close(hidden.grad, ref_h)
+    # A micro-batch with no labelled token (all truncated away) trains on nothing instead of NaN.
+    empty = fused_linear_cross_entropy(hidden, head, torch.full_like(labels, IGNORE_INDEX))
+    empty.backward()
+    assert empty.item() == 0.0
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])

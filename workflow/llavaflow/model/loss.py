@@ -60,7 +60,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, l
         raise ValueError("fused cross-entropy supports an lm_head without bias (Phi-3, Llama)")
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    if not keep.any():  # as HF: a batch without labels gives a zero loss that still reaches the graph
+    if not keep.any():  # no labelled token: a zero loss that keeps the graph (HF would give NaN)
         return hidden.sum() * 0.0
     rows = hidden[:, :-1][keep]
     return _FusedLinearCrossEntropy.apply(rows, lm_head.weight, targets[keep], chunk_rows)
