@@ -9,6 +9,8 @@ Either way no token attends across samples, so the loss equals the padded batch'
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -16,10 +18,12 @@ from ..constants import IGNORE_INDEX
 
 VARLEN = "llavaflow_varlen"
 
-try:  # torch >= 2.10
+try:
     from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch: the per-sample path serves
+except ImportError:  # pragma: no cover - torch < 2.9: the block-diagonal SDPA path serves
     varlen_attn = None
+if varlen_attn is not None and "window_size" not in inspect.signature(varlen_attn).parameters:
+    varlen_attn = None  # torch 2.9's first version: is_causal only, no window or scale; not used
 
 
 def pack_rows(rows_embeds: list[torch.Tensor], rows_labels: list[torch.Tensor] | None) -> dict:
@@ -85,10 +89,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     window = _window(sliding_window, int(max_length_q))
     if varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        # Only a non-default scale is passed on: older varlen_attn releases lack the argument.
-        extra = {} if scaling is None or scaling == q.shape[-1] ** -0.5 else {"scale": scaling}
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_q,
-                          int(max_length_q), int(max_length_q), window_size=window, **extra)
+                          int(max_length_q), int(max_length_q), scale=scaling, window_size=window)
     else:
         out = _block_causal_sdpa(q, k, v, cu_seq_lens_q, scaling, window)
     return out.unsqueeze(0), None
