@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from llavaflow.model.sizes import CLIP_VIT_L_336, PHI3_MINI_4K, build_reference_llava  # noqa: E402
 
-H100_BF16_PEAK = 989.4e12  # dense bf16, performance.md
+H100_BF16_PEAK = 989.4e12  # dense bf16 (NVIDIA H100 SXM datasheet)
 
 
 def build_model(small: bool = False, attn: str = "sdpa"):

@@ -37,7 +37,7 @@ def test_exact_loss_mask_of_a_multi_turn_conversation_with_an_image(tokenizer):
     turns = [Turn("<image>\nWhat colour?", "Red."), Turn("And the shape?", "A circle.")]
     ids, labels = encode_turns(turns, tokenizer, PHI3_CHAT, max_length=None)
 
-    # Built by hand from the reference layout (reference-recipe.md §7.1): chunks encoded one call each.
+    # Built by hand from xtuner's encode_fn layout: chunks encoded one call each.
     head = [tokenizer.bos_token_id] + enc("<|user|>\n") + [IMAGE_TOKEN_INDEX] + enc("\nWhat colour?<|end|>\n<|assistant|>\n")
     answer1 = enc("Red.<|end|>")
     prompt2 = enc("<|user|>\nAnd the shape?<|end|>\n<|assistant|>\n")

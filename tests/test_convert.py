@@ -164,7 +164,7 @@ def test_same_logits_and_text_in_every_format(converted, tiny, tokenizer):
     assert end in hf.generation_config.eos_token_id
 
     # Its own processor builds the prompt from the chat template; the one difference from xtuner's
-    # chunked encoding is the dummy-prefix piece after the image (formats.md §3.6), and nothing else.
+    # chunked encoding is the dummy-prefix piece after the image, and nothing else.
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour are the shapes?"}]}]
     prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == text

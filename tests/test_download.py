@@ -188,5 +188,5 @@ def test_data_check_reports_missing_and_broken_images(tmp_path):
         check_data(src, tmp_path / "report.tsv")
     lines = (tmp_path / "report.tsv").read_text().splitlines()
     assert len(lines) == 3 and "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
-    counts = check_data(src, tmp_path / "report.tsv", on_missing="skip")
+    counts = check_data(src, tmp_path / "report.tsv", on_bad_sample="skip")
     assert counts[str(ann)] == {"samples": 3, "with_image": 3, "bad_images": 2, "malformed": 0}

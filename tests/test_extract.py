@@ -1,4 +1,4 @@
-"""Answer extraction policies against the golden table of mmbench.md §6.6."""
+"""Answer extraction policies against a golden table of what each policy extracts from typical answers."""
 
 import pytest
 

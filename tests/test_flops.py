@@ -1,4 +1,4 @@
-"""FLOP accounting at the real architecture (meta device: shapes only) against performance.md §1-2."""
+"""FLOP accounting at the real architecture (meta device: shapes only) against counts worked out by hand from the configs."""
 
 import pytest
 

@@ -10,7 +10,7 @@ from llavaflow.train.schedule import lr_at, warmup_iters
 
 
 def test_reference_warmup_and_cosine_points():
-    # Pretrain at 8 GPUs: E = 9742, W = 292 (reference-recipe.md §3.3).
+    # Pretrain at 8 GPUs: E = 9742, W = 292 (xtuner's LinearLR + CosineAnnealingLR by micro-iteration).
     total, lr0 = 9742, 1e-3
     assert warmup_iters(total, 0.03) == 292
     assert lr_at(0, total, lr0) == pytest.approx(1e-8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run
-from llavaflow.model.checkpoint import CheckpointError, load_state_dict
+from llavaflow.model.checkpoint_reader import CheckpointError, load_state_dict
 from llavaflow.train.recipe import Recipe
 from llavaflow.train.schedule import lr_at
 

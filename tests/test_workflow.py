@@ -99,7 +99,7 @@ def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
     out = proc.stdout + proc.stderr
     finetune = out.split("rule finetune:")[1]
     resources = dict(kv.split("=", 1) for kv in finetune.split("resources: ")[1].split("\n")[0].split(", "))
-    # per-node GPUs as gres, one task per node, no --ntasks-per-gpu (snakemake.md §11.2)
+    # per-node GPUs as gres, one task per node, no --ntasks-per-gpu
     assert resources["nodes"] == "2" and resources["gres"] == "gpu:8" and resources["mpi"] == "srun"
     assert resources["tasks"] == "2" and resources["tasks_per_gpu"] == "0" and "gpu" not in resources
     shell = finetune.split("Shell command: ")[1].split("\n")[0]

@@ -116,28 +116,14 @@ def _dtype(name: str, device: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _init_ranks() -> str:
-    """torchrun: one process group, one GPU per rank; plain python: one process. Returns the device."""
-    import os
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    return "cpu"
-
-
 def cmd_mmbench(args) -> None:
+    from .distributed import init_distributed
     from .eval.mmbench import evaluate, folder_fingerprint
     from .model.loading import load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
-    device = _init_ranks()
+    _, _, device = init_distributed()
+    device = str(device)
     model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
                                                             args.visual_encoder, args.visual_select_layer, device)
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,

@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..template import PHI3_CHAT
-from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, copy_files, iter_tensors,
+from ..atomic import atomic_output
+from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors,
                  read_json, write_json)
 from .tables import XTUNER_TO_HF, XTUNER_TO_LLAVA, clip_legacy, rename
 
 log = logging.getLogger(__name__)
 
 # Phi-3's chat template (each turn closed by <|end|>); a list content puts "<image>\n" before the text,
-# the prompt layout of training (phi3_chat INSTRUCTION with "<image>\n" + question).
+# the prompt layout of training (phi3_chat INSTRUCTION with "<image>\n" + question; test_convert.py checks that
+# the exported processor renders exactly that prompt).
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' }}"
@@ -32,11 +33,10 @@ PHI3_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-assert PHI3_CHAT.instruction == "<|user|>\n{input}<|end|>\n<|assistant|>\n"  # the template above mirrors it
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3 ships it (formats.md §2.7)."""
+    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3's generation_config.json ships it."""
     return tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
 
 
@@ -76,7 +76,7 @@ def _legacy_text_config(cfg: dict, dtype: str) -> dict:
 
 def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: str = "bf16",
           max_shard_size: int = 5 * 1024**3) -> None:
-    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x (formats.md §2)."""
+    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x."""
     from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
 
     text_model, vision_model = Path(text_model_id), Path(vision_model_id)
@@ -108,7 +108,7 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip_proc.image_mean),
         "image_std": list(clip_proc.image_std), "do_convert_rgb": True,
     }
-    with atomic_folder(Path(save_path)) as tmp:
+    with atomic_output(Path(save_path)) as tmp:
         _write_weights(tmp, XTUNER_TO_HF, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
         tok.chat_template = PHI3_CHAT_TEMPLATE
@@ -129,7 +129,7 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
 
 def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vision_tower: str,
              dtype: str = "bf16", model_max_length: int = 2047, max_shard_size: int = 2 * 1024**3) -> None:
-    """Official LLaVA folder (LlavaLlamaForCausalLM, formats.md §3). The folder name must contain 'llava'."""
+    """Official LLaVA folder (LlavaLlamaForCausalLM, as llava-torch's builder loads it). The folder name must contain 'llava'."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
 
     save_path = Path(save_path)
@@ -153,7 +153,7 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
         "tokenizer_model_max_length": model_max_length, "mm_projector_lr": None, "use_cache": True,
     })
     tok = AutoTokenizer.from_pretrained(text_model)
-    with atomic_folder(save_path) as tmp:
+    with atomic_output(save_path) as tmp:
         _write_weights(tmp, XTUNER_TO_LLAVA, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
         copy_files(text_model, tmp, TOKENIZER_FILES)

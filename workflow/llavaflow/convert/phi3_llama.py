@@ -1,7 +1,7 @@
 """Phi-3 (Phi3ForCausalLM) -> Llama (LlamaForCausalLM): split the fused projections, rewrite the config.
 
 Exact (bitwise logits) for the 4k model while prompt + generation stay below Phi-3's sliding window of
-2047 tokens: Llama has no window, so from position 2047 on the two models differ (formats.md §1.4).
+2047 tokens: Llama has no window, so from position 2047 on the two models differ.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .io import TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, copy_files, iter_tensors, read_json, write_json
+from ..atomic import atomic_output
+from .io import TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def check_phi3(cfg: dict, where) -> None:
 
 
 def llama_config(cfg: dict) -> dict:
-    """formats.md §1.3: copy the shared fields, add Llama's, write legacy rope/dtype keys for 4.x readers."""
+    """Copy the shared fields, add Llama's, write legacy rope/dtype keys for 4.x readers."""
     rope = cfg.get("rope_parameters") or {}
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     out = {k: cfg[k] for k in COPY_FIELDS if k in cfg}
@@ -80,7 +81,7 @@ def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: in
     window = cfg.get("sliding_window")
     if window:
         log.warning(SLIDING_WINDOW_CAVEAT.format(w=window))
-    with atomic_folder(Path(save_path)) as tmp:
+    with atomic_output(Path(save_path)) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for name, tensor in iter_tensors(phi_path):
             for new_name, new_tensor in split_tensor(name, tensor, cfg):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import load_state_dict
-from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, copy_files, local_folder,
+from ..model.checkpoint_reader import load_state_dict
+from ..atomic import atomic_output
+from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, local_folder,
                  write_json)
 from .tables import CHECKPOINT_PREFIX, clip_legacy
 
@@ -118,7 +119,7 @@ def pth_to_hf(pth: str | Path, save_dir: str | Path, llm: str, visual_encoder: s
     """Convert iter_N.pth (file or DeepSpeed directory) into the xtuner-style HF folder at save_dir."""
     state = load_state_dict(pth)
     parts = split_checkpoint(state)
-    with atomic_folder(Path(save_dir)) as tmp:
+    with atomic_output(Path(save_dir)) as tmp:
         if parts["llm"]:
             write_llm(parts["llm"], llm, tmp, DTYPES[dtype], pth, max_shard_size)
         if parts["visual_encoder"]:

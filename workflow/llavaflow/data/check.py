@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import atomic_output
 from .dataset import DataError, read_annotations
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,12 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def check_data(sources: list[dict], report: str | Path, on_missing: str = "error", threads: int = 8) -> dict:
+def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "error", threads: int = 8) -> dict:
     """Write a TSV of every bad image reference (file, line, id, image, problem); raise unless told to drop."""
     report = Path(report)
     rows, counts = [], {}
     for src in sources:
-        records, malformed = read_annotations(src["annotation"], on_missing)
+        records, malformed = read_annotations(src["annotation"], on_bad_sample)
         folder = Path(src.get("image_folder") or ".")
         with_image = [r for r in records if r.image is not None]
         with ThreadPoolExecutor(threads) as pool:
@@ -39,11 +40,9 @@ def check_data(sources: list[dict], report: str | Path, on_missing: str = "error
         counts[src["annotation"]] = {"samples": len(records), "with_image": len(with_image), "bad_images": len(bad),
                                      "malformed": malformed}
         log.info("%s: %d samples, %d with an image, %d bad images", src["annotation"], len(records), len(with_image), len(bad))
-    report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
-    tmp.replace(report)
-    if rows and on_missing != "skip":
+    with atomic_output(report, folder=False) as tmp:
+        tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
+    if rows and on_bad_sample != "skip":
         raise DataError(f"{len(rows)} referenced images are missing or unreadable, e.g. {rows[0].split(chr(9))[3]} "
                         f"({rows[0].split(chr(9))[4]}); the list is in {report}. Fix the data or set "
                         "data.on_bad_sample: skip to train without them")

@@ -47,7 +47,7 @@ def _record(obj, source: str, line: int) -> Record:
     return Record(source, line, str(obj.get("id", line)), image, obj["conversations"])
 
 
-def read_annotations(path: str | Path, on_error: str = "error") -> tuple[list[Record], int]:
+def read_annotations(path: str | Path, on_bad_sample: str = "error") -> tuple[list[Record], int]:
     """Read a LLaVA .json list or a .jsonl file; returns (records, number of malformed entries skipped)."""
     path = Path(path)
     if not path.is_file():
@@ -61,7 +61,7 @@ def read_annotations(path: str | Path, on_error: str = "error") -> tuple[list[Re
                 try:
                     records.append(_record(json.loads(line), str(path), n))
                 except (json.JSONDecodeError, DataError) as e:
-                    if on_error != "skip":
+                    if on_bad_sample != "skip":
                         raise DataError(f"{path}:{n}: malformed JSON line: {e}") from None
                     skipped += 1
                     log.warning("skipping %s:%d: %s", path, n, e)
@@ -76,7 +76,7 @@ def read_annotations(path: str | Path, on_error: str = "error") -> tuple[list[Re
         try:
             records.append(_record(obj, str(path), n))
         except DataError as e:
-            if on_error != "skip":
+            if on_bad_sample != "skip":
                 raise
             skipped += 1
             log.warning("skipping %s", e)

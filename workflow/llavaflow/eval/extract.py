@@ -1,4 +1,4 @@
-"""Answer extraction: named, selectable policies (mmbench.md §6). Each returns a letter, "Z", or "" (unparsed)."""
+"""Answer extraction: named, selectable policies (xtuner's and VLMEvalKit's). Each returns a letter, "Z", or "" (unparsed)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading MMBench / CCBench TSVs: quote-aware parsing, option columns, image pointers (mmbench.md §2-3)."""
+"""Reading MMBench / CCBench TSVs: quote-aware parsing, option columns, image pointers (VLMEvalKit's layout)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The multiple-choice prompt of xtuner mmbench / VLMEvalKit's LLaVA wrappers (mmbench.md §7.2)."""
+"""The multiple-choice prompt of xtuner mmbench / VLMEvalKit's LLaVA wrappers."""
 
 from __future__ import annotations
 

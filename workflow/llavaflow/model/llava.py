@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODEL_PARTS
-from .checkpointing import checkpoint_kwargs
+from .activation_checkpointing import checkpoint_kwargs
 from .loss import fused_linear_cross_entropy
 from .packing import VARLEN, pack_rows, register_varlen_attention
 

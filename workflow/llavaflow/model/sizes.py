@@ -1,5 +1,5 @@
 """The reference architecture as data: Phi-3-mini-4k-instruct and CLIP ViT-L/14-336, as their HF configs
-give them (formats.md §1.2). For benchmarks and FLOP checks at the real size without downloading."""
+give them (their config.json files on the Hub). For benchmarks and FLOP checks at the real size without downloading."""
 
 from __future__ import annotations
 

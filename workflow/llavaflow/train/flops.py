@@ -1,4 +1,5 @@
-"""Model FLOPs of a LLaVA training sample, the MFU convention of ../shared/specs/performance.md §2.
+"""Model FLOPs of a LLaVA training sample, by the MFU convention of the PaLM paper (appendix B)
+and nanoGPT's estimate_mfu.
 
 Matmul FLOPs of the LLM (2 per parameter and token forward; weight gradients only where the LLM trains),
 causal attention counted over each sample's own length (so packing does not inflate it), the ViT

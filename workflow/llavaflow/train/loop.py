@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -24,31 +23,17 @@ from ..data.collate import collate
 from ..data.dataset import LlavaDataset
 from ..data.images import ImageTransform
 from ..data.sampler import LengthGroupedSampler, ShuffleSampler
+from ..distributed import init_distributed
+from ..model.activation_checkpointing import normalise_policy
 from ..model.build import build_llava
-from ..model.checkpoint import load_state_dict
-from ..model.checkpointing import normalise_policy
+from ..model.checkpoint_reader import load_state_dict
 from ..template import get_template
-from . import checkpoints as ckpt
+from . import resume_state
 from .flops import FlopModel
 from .recipe import Recipe
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-
-def _init_distributed() -> tuple[int, int, torch.device]:
-    import deepspeed
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if "RANK" not in os.environ:  # plain `python -m`: a one-rank group of our own
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return rank, world, device
 
 
 def _precision(recipe: Recipe, device: torch.device) -> str:
@@ -138,13 +123,13 @@ def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
     from transformers import AutoTokenizer, CLIPImageProcessor
 
     work_dir, output = Path(work_dir), Path(output)
-    rank, world, device = _init_distributed()
+    rank, world, device = init_distributed(group_of_one=True)
     precision = _precision(recipe, device)
     fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage}
-    lock = ckpt.WorkDirLock(work_dir) if rank == 0 else None
+    lock = resume_state.WorkDirLock(work_dir) if rank == 0 else None
     if lock:
         lock.__enter__()
-        ckpt.prepare_work_dir(work_dir, fingerprint)
+        resume_state.prepare_work_dir(work_dir, fingerprint)
     torch.distributed.barrier()
     try:
         _seed_all(recipe.seed)
@@ -169,8 +154,8 @@ def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
         _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
              FlopModel.of(model))
         if rank == 0:
-            _, last = ckpt.newest_checkpoint(work_dir)
-            ckpt.publish(last, output, [work_dir / "metrics.jsonl"])
+            _, last = resume_state.newest_checkpoint(work_dir)
+            resume_state.publish(last, output, [work_dir / "metrics.jsonl"])
             print(f"published {last.name} as {output}", flush=True)
         torch.distributed.barrier()
     finally:
@@ -193,7 +178,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _resume(engine, work_dir: Path) -> int:
-    found = ckpt.newest_checkpoint(work_dir)
+    found = resume_state.newest_checkpoint(work_dir)
     if found is None:
         return 0
     n, path = found
@@ -214,7 +199,7 @@ def _save(engine, work_dir: Path, it: int, keep: int, rank: int) -> None:
     torch.distributed.barrier()
     if rank == 0:
         (work_dir / tag / "complete").touch()
-        ckpt.prune_checkpoints(work_dir, keep)
+        resume_state.prune_checkpoints(work_dir, keep)
     torch.distributed.barrier()
 
 

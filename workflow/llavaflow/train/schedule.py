@@ -1,7 +1,8 @@
 """The reference learning-rate schedule in closed form (mmengine LinearLR warmup + CosineAnnealingLR).
 
 Stepped once per micro-iteration, as mmengine's ParamSchedulerHook does; an optimizer step applies
-the value of the micro-iteration on which it happens (reference-recipe.md §3.3).
+the value of the micro-iteration on which it happens (as in xtuner's LLaVA-Phi-3 configs,
+whose param_scheduler has by_epoch=True with convert_to_iter_based=True).
 """
 
 from __future__ import annotations

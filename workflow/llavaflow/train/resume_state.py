@@ -10,6 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ..atomic import atomic_output
+
 ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
 
 
@@ -65,17 +67,12 @@ class WorkDirLock:
 
 
 def publish(checkpoint: Path, output: Path, extra_files: list[Path] = ()) -> None:
-    """Hard-link (or copy) a finished checkpoint to `output` through a temporary sibling + rename."""
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in list(checkpoint.iterdir()) + list(extra_files):
-        if f.name == "complete":
-            continue
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    """Hard-link (or copy) a finished checkpoint to `output`, atomically."""
+    with atomic_output(output) as tmp:
+        for f in list(checkpoint.iterdir()) + list(extra_files):
+            if f.name == "complete":
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
