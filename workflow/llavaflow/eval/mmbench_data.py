@@ -33,6 +33,8 @@ def read_benchmark(path: str | Path) -> pd.DataFrame:
     and a file with no answer column whose name or split does not say TEST.
     """
     path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no such file")
     try:
         df = pd.read_csv(path, sep="\t")
     except pd.errors.EmptyDataError:
