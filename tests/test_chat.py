@@ -1,8 +1,10 @@
 """llavaflow chat: one-shot greedy output equals HF generate; an interactive session on a real pty."""
 
+import json
 import os
 import pty
 import random
+import re
 import select
 import subprocess
 import sys
@@ -127,5 +129,64 @@ def test_interactive_session_on_a_pty(converted, image):
     assert "error: /no/such/picture.png: image file not found" in s.expect(">>> ")
     s.send("still there?")
     assert "BOT: " in s.expect(">>> ")  # the session goes on
+    bomb = bomb_png(image.parent / "bomb.png")
+    s.send(f"/image {bomb}")
+    assert f"error: {bomb}: refused as a possible decompression bomb (Image size (900000000 pixels)" in s.expect(">>> ")
+    s.send("What colour are the shapes?")
+    assert "BOT: " in s.expect(">>> ")  # ... after a decompression bomb too, with the last good image
     s.send("/exit")
     assert s.proc.wait(timeout=60) == 0
+
+
+def bomb_png(path):
+    """A 30000x30000 PNG header (a few bytes on disk): PIL's decompression-bomb guard refuses it at open."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_clear_error(tmp_path):
+    bomb = bomb_png(tmp_path / "huge.png")
+    for source, name in ((bomb, str(bomb)), (bomb.read_bytes(), "MMBench_DEV_EN.tsv index 7")):
+        with pytest.raises(ImageError, match=rf"^{re.escape(name)}: refused as a possible decompression bomb "
+                                             r"\(Image size \(900000000 pixels\) exceeds limit of \d+ pixels\)"):
+            open_image(source, name if isinstance(source, bytes) else None)
+
+
+def exif_rotated_jpeg(path, orientation=6):
+    """A 40x20 JPEG, left half red and right half blue, whose EXIF tag says: turn me (6 = 90 deg clockwise)."""
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path, tiny, tokenizer):
+    """One function for training, chat and evaluation; compared with transformers' own load_image."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import load_image
+
+    from llavaflow.chat import fetch_image
+    from llavaflow.data.dataset import LlavaDataset
+    from llavaflow.data.images import ImageTransform
+
+    path = exif_rotated_jpeg(tmp_path / "phone.jpg")
+    assert Image.open(path).size == (40, 20)  # as stored
+    reference = np.asarray(load_image(str(path)))
+    assert reference.shape == (40, 20, 3)  # upright: 20 wide, 40 high, red on top after a clockwise turn
+    for img in (open_image(path), open_image(path.read_bytes(), "row 1"), fetch_image(str(path))):  # train, eval, chat
+        assert img.size == (20, 40) and np.array_equal(np.asarray(img), reference)
+    transform = ImageTransform(CLIPImageProcessor.from_pretrained(tiny["vit"]), pad_to_square=True)
+    ann = tmp_path / "data.json"
+    ann.write_text(json.dumps([{"id": "p", "image": "phone.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Colours."}]}]))
+    ds = LlavaDataset([{"annotation": str(ann), "image_folder": str(tmp_path)}], tokenizer, PHI3_CHAT, transform, 64)
+    torch.testing.assert_close(ds[0]["pixel_values"], transform(Image.fromarray(reference)), rtol=0, atol=0)

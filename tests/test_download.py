@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -25,6 +26,10 @@ class Server(http.server.ThreadingHTTPServer):
     log: list
     cut_once: set  # paths whose first GET dies halfway
     ignore_range: set
+    chunk_delay: float = 0.0  # seconds between 64 KiB writes: a slow link, for killing clients mid-file
+
+    def handle_error(self, request, client_address):
+        pass  # a client that went away mid-file (killed by a test) is expected here
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -58,6 +63,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)  # the connection breaks mid-file
+            return
+        if srv.chunk_delay:
+            for i in range(0, len(body), 1 << 16):
+                self.wfile.write(body[i:i + (1 << 16)])
+                time.sleep(srv.chunk_delay)
             return
         self.wfile.write(body)
 

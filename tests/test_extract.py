@@ -1,5 +1,8 @@
 """Answer extraction policies against a golden table of what each policy extracts from typical answers."""
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
 from llavaflow.eval.extract import get_policy
@@ -44,3 +47,27 @@ def test_choices_are_not_mutated():
     choices = {"A": "Cat", "B": "Dog"}
     get_policy("vlmevalkit-head")[1]("it is a dog", choices)
     assert choices == {"A": "Cat", "B": "Dog"}
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VLMEVAL_GOLDEN = SHARED / "fixtures" / "vlmevalkit" / "extraction_golden.tsv"
+
+
+def vlmevalkit_golden_rows():
+    # Options are read with pandas' defaults, as VLMEvalKit reads a benchmark TSV (an option 'None' is
+    # NaN and dropped); predictions are kept verbatim, as they come out of the model.
+    options = pd.read_csv(VLMEVAL_GOLDEN, sep="\t")
+    raw = pd.read_csv(VLMEVAL_GOLDEN, sep="\t", keep_default_na=False, dtype=str)
+    for (_, o), (_, r) in zip(options.iterrows(), raw.iterrows()):
+        choices = {L: str(o[L]) for L in "ABCDE" if not pd.isna(o[L])}
+        yield pytest.param(r["prediction"], choices, r["vlmevalkit"], id=f"case{r['case']}-{r['note']}")
+
+
+@pytest.mark.parametrize(("prediction", "choices", "expected"), list(vlmevalkit_golden_rows()))
+def test_vlmeval_policy_matches_vlmevalkit_golden_table(prediction, choices, expected):
+    """Every row of VLMEvalKit's own extraction results (can_infer at e8e78f05, run on its code)."""
+    assert get_policy("vlmeval")[1](prediction, choices) == expected
+
+
+def test_golden_table_is_complete():
+    assert len(list(vlmevalkit_golden_rows())) == 60  # the file's rows (two hold newlines)

@@ -4,11 +4,14 @@ import base64
 import csv
 import io
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+from llavaflow.eval.extract import get_policy
 from llavaflow.eval.mmbench import build_prompts, write_results
 from llavaflow.eval.mmbench_data import BenchmarkError, image_bytes, option_letters, options, read_benchmark
 from llavaflow.eval.prompt import mcq_text
@@ -172,3 +175,158 @@ def test_two_ranks_shard_the_rows_and_merge_like_one_process(converted, tiny, tm
     before = (tmp_path / "one" / "cache" / "predictions.rank0.jsonl").read_text()
     run([sys.executable, "-m", "llavaflow.cli", "mmbench", *args, "--work-dir", str(tmp_path / "one")])
     assert (tmp_path / "one" / "cache" / "predictions.rank0.jsonl").read_text() == before
+
+
+# ---- VLMEvalKit's _acc.csv layout, control characters, torn caches, bad input (issues 13 §5, 14) ----
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+XTUNER = SHARED / "fixtures" / "xtuner-0.2.0"
+
+
+def vlmevalkit_report_acc(df: pd.DataFrame) -> pd.DataFrame:
+    """VLMEvalKit's report_acc (vlmeval/dataset/utils/multiple_choice.py) restated: one row per split, columns
+    Overall, L2 abbreviations, categories; np.mean per split (NaN where a split has none of a category)."""
+    from llavaflow.eval.score import L2_ABBREVIATIONS
+
+    res = {"split": sorted(set(df["split"]))}
+    res["Overall"] = [df[df["split"] == sp]["hit"].mean() for sp in res["split"]]
+    for group in ("l2-category", "category"):
+        for ab in sorted(set(df[group])):
+            sub = df[df[group] == ab]
+            res[L2_ABBREVIATIONS.get(ab, ab)] = [sub[sub["split"] == sp]["hit"].mean() for sp in res["split"]]
+    return pd.DataFrame(res)
+
+
+def test_acc_csv_has_one_row_per_split_in_vlmevalkits_bytes(tsv, tmp_path):
+    from llavaflow.eval.score import circular_hits
+
+    df = pd.read_csv(tsv, sep="\t")
+    df.loc[df["index"] % 1_000_000 == 250, "split"] = "test"  # Q2 (both rotations) in another split
+    df.loc[df["index"] % 1_000_000 == 241, "split"] = "test"
+    df.to_csv(tmp_path / "mixed.tsv", sep="\t", index=False)
+    data = read_benchmark(tmp_path / "mixed.tsv")
+    pred = answers(data)
+    pred[2000241] = "I cannot tell"
+    summary = write_results(data, pred, tmp_path, "mixed", "vlmevalkit-head", {})
+    got = (tmp_path / "mixed_acc.csv").read_bytes()
+    assert b"\r" not in got and got.count(b"\n") == 3  # header + dev + test, LF only
+    table = data.drop(columns=["image"]).reset_index(drop=True).assign(prediction=lambda t: t["index"].map(pred))
+    table["extracted"] = [get_policy("vlmevalkit-head")[1](p, options(r, option_letters(data)))
+                          for p, (_, r) in zip(table["prediction"], data.iterrows())]
+    expected = vlmevalkit_report_acc(circular_hits(table)).to_csv(index=False, quoting=csv.QUOTE_ALL)
+    assert got == expected.encode()  # what pandas.to_csv writes for VLMEvalKit: same bytes, NaN as ""
+    assert [r["split"] for r in summary["acc_rows"]] == ["dev", "test"]
+    assert summary["circular"]["split"] == "all"
+
+
+def test_control_character_in_xtuner_predictions_does_not_break_the_xlsx(tmp_path):
+    """xtuner 0.2.0's real 32-token predictions hold \\x07, on which its own xlsx writer crashes."""
+    data = read_benchmark(XTUNER / "data" / "mmbench" / "tiny_mmbench_dev.tsv")
+    rows = json.loads((XTUNER / "mmbench" / "xtuner_32tok_fp32_predictions.json").read_text())
+    pred = {int(r["index"]): r["prediction"] for r in rows}
+    assert any("\x07" in p for p in pred.values())
+    summary = write_results(data, pred, tmp_path, "tiny_mmbench_dev", "vlmevalkit-head", {})
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == 4
+    assert summary["xlsx_replaced_characters"] == {i: pred[i].count("\x07") for i in pred}
+    xlsx = pd.read_excel(tmp_path / "predictions.xlsx")
+    assert xlsx["prediction"].tolist() == [pred[i].replace("\x07", "\ufffd") for i in xlsx["index"]]
+    raw = pd.read_csv(tmp_path / "predictions.csv")
+    assert raw["prediction"].tolist() == [pred[i] for i in raw["index"]]  # the raw text, kept
+
+
+class ScriptedPredictor:
+    """Stands in for the model: answers a fixed text per row and records which rows it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def predict_batch(self, batch, fast=True):
+        self.asked += [p.key for p in batch]
+        return {p.key: f"answer {p.key}" for p in batch}
+
+
+def test_torn_last_cache_line_is_cut_off_and_its_row_redone(tsv, tmp_path):
+    from llavaflow.eval.mmbench import _load_cache, predict_all
+
+    prompts = build_prompts(read_benchmark(tsv))
+    keys = [p.key for p in prompts]
+    cache = tmp_path / "predictions.rank0.jsonl"
+    good = "".join(json.dumps({"index": k, "prediction": f"answer {k}"}) + "\n" for k in keys[:4])
+    cache.write_text(good + '{"index": %d, "predic' % keys[4])  # a crash in the middle of a write
+    predictor = ScriptedPredictor()
+    predict_all(predictor, prompts, cache, batch_size=3, fast=True)
+    assert predictor.asked == keys[4:]  # the torn row and every later one; the four complete ones are kept
+    assert _load_cache(cache) == {k: f"answer {k}" for k in keys}
+    assert cache.read_text().endswith("\n") and len(cache.read_text().splitlines()) == len(keys)
+    predict_all(predictor, prompts, cache, batch_size=3, fast=True)  # a rerun asks nothing
+    assert predictor.asked == keys[4:]
+
+
+def write_tsv(df, path):
+    df.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_file_cut_after_the_image_column_is_refused(tmp_path):
+    text = write_tsv(pd.DataFrame(rows()), tmp_path / "full.tsv").read_text()
+    last = text.rstrip("\n").split("\n")[-1]
+    cut = text[: len(text) - len(last) - 1] + "\t".join(last.split("\t")[:10])  # up to and including image
+    (tmp_path / "MMBench_DEV_EN.tsv").write_text(cut)
+    with pytest.raises(BenchmarkError, match=r"MMBench_DEV_EN.tsv: line \d+ \(index 280\) has 10 of 14 fields and "
+                                             r"ends after the 'image' column: the file is cut short"):
+        read_benchmark(tmp_path / "MMBench_DEV_EN.tsv")
+    (tmp_path / "mid.tsv").write_text(text[: text.index("Then answer.")])  # inside the quoted hint
+    with pytest.raises(BenchmarkError, match=r"mid.tsv: cannot parse .*fetch it again"):
+        read_benchmark(tmp_path / "mid.tsv")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(BenchmarkError, match="empty.tsv: the file is empty"):
+        read_benchmark(tmp_path / "empty.tsv")
+
+
+def test_row_without_options_is_refused(tmp_path):
+    df = pd.DataFrame(rows())
+    df.loc[df["index"] == 270, ["A", "B"]] = None
+    with pytest.raises(BenchmarkError, match=r"x.tsv: index 270: no options"):
+        read_benchmark(write_tsv(df, tmp_path / "x.tsv"))
+
+
+def test_answer_outside_the_options_is_warned_counted_and_scored_as_a_miss(tmp_path, caplog):
+    df = pd.DataFrame(rows())
+    df.loc[df["index"] == 250, "answer"] = "C"  # a 2-option question
+    df.loc[df["index"] == 280, "answer"] = "A"  # its option A is 'N/A', which pandas reads as missing
+    data = read_benchmark(write_tsv(df, tmp_path / "MMBench_DEV_EN.tsv"))
+    assert "2 row(s) whose answer is not one of their options (e.g. index 250, answer 'C')" in caplog.text
+    summary = write_results(data, answers(data), tmp_path, "MMBench_DEV_EN", "vlmevalkit-head", {})
+    assert summary["input_issues"] == {"answer_not_in_options": [250, 280]}
+    assert summary["circular"]["Overall"] == pytest.approx(3 / 5)  # Q2 and Q5 can never be right
+
+
+def test_dev_file_without_answers_is_treated_as_test_with_a_warning(tmp_path, caplog):
+    df = pd.DataFrame(rows()).drop(columns=["answer"])
+    data = read_benchmark(write_tsv(df, tmp_path / "MMBench_DEV_EN.tsv"))
+    assert "MMBench_DEV_EN.tsv has no 'answer' column, but neither its name nor its split column says TEST" in caplog.text
+    summary = write_results(data, answers_none(data), tmp_path, "MMBench_DEV_EN", "vlmevalkit-head", {})
+    assert summary["scorable"] is False and summary["input_issues"] == {"no_answer_column_not_named_test": True}
+    caplog.clear()
+    test = read_benchmark(write_tsv(df.assign(split="test"), tmp_path / "MMBench_TEST_EN.tsv"))
+    assert "no 'answer' column" not in caplog.text and test.attrs["input_issues"] == {}
+    partial = pd.DataFrame(rows())
+    partial.loc[partial["index"] == 260, "answer"] = None
+    data = read_benchmark(write_tsv(partial, tmp_path / "p.tsv"))
+    summary = write_results(data, answers_none(data), tmp_path, "p", "vlmevalkit-head", {})
+    assert summary["scorable"] is False and summary["input_issues"] == {"rows_without_answer": [260]}
+
+
+def answers_none(df):
+    return {int(i): "A" for i in df.index}
+
+
+def test_image_errors_name_the_file_and_row(tsv, tmp_path):
+    from llavaflow.data.images import ImageError
+    from llavaflow.eval.predict import prompt_pixels
+
+    df = pd.DataFrame(rows())
+    df.loc[df["index"] == 270, "image"] = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 80).decode()
+    prompts = {p.key: p for p in build_prompts(read_benchmark(write_tsv(df, tmp_path / "bad.tsv")))}
+    with pytest.raises(ImageError, match=r"bad.tsv index 270: not a readable image"):
+        prompt_pixels([prompts[241], prompts[270]], lambda img: torch.zeros(3))

@@ -123,12 +123,11 @@ def test_touched_but_unchanged_files_do_not_retrain(dag, checkout):
 
 def test_killed_training_job_resumes_with_rerun_incomplete(tmp_path):
     """Kill Snakemake and its training job mid-run; the rerun (--rerun-incomplete) resumes from iter_N.pth."""
-    import os
-    import signal
     import subprocess
     import time
 
     import yaml
+    from processes import kill_tree
 
     cfg = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
     cfg["finetune"].update(epochs=1, save_steps=20)
@@ -144,11 +143,9 @@ def test_killed_training_job_resumes_with_rerun_incomplete(tmp_path):
     while not list(ckpt_dir.glob("iter_*.pth/complete")):
         assert proc.poll() is None and time.time() < deadline, "finetune ended before it could be killed"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies, as with a lost ssh session ...
-    subprocess.run(["pkill", "-KILL", "-f", "--", f"--work-dir results/finetune/work_dir --output results/finetune/final.pth"])
-    proc.wait()
-    while subprocess.run(["pgrep", "-f", "--", "--work-dir results/finetune/work_dir"], capture_output=True).returncode == 0:
-        time.sleep(0.1)  # ... and so do its training ranks
+    # The driver dies, as with a lost ssh session, and so do its training ranks: this test's processes
+    # only (its process tree), never a name pattern that a real fine-tune on this machine would match.
+    kill_tree(proc)
     assert not (work / "results" / "finetune" / "final.pth").exists()
 
     run(cmd + ["--unlock"], cwd=work)  # a killed driver leaves its lock behind

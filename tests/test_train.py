@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run
+from processes import kill_tree
 from llavaflow.model.checkpoint_reader import CheckpointError, load_state_dict
 from llavaflow.train.recipe import Recipe
 from llavaflow.train.schedule import lr_at
@@ -86,11 +87,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny, subset, tmp_path):
     while not (work / "iter_8.pth" / "complete").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
-    # Kill the launcher and its ranks (torchrun starts them in sessions of their own), as a scheduler would.
-    subprocess.run(["pkill", "-KILL", "-f", "--", f"--work-dir {work} "], check=False)
-    proc.wait()
-    while subprocess.run(["pgrep", "-f", "--", f"--work-dir {work} "], capture_output=True).returncode == 0:
-        time.sleep(0.05)
+    # Kill the launcher and its ranks (torchrun starts them in sessions of their own), as a scheduler would:
+    # this test's process tree only, never a name pattern.
+    kill_tree(proc)
     assert not out.exists(), "the run finished before it was killed"
 
     resumed = torchrun(1, rec, work, out)

@@ -31,7 +31,7 @@ def fetch_image(source: str):
             r.raise_for_status()
         except requests.RequestException as e:
             raise ImageError(f"{source}: cannot download image ({e})") from None
-        return open_image(r.content)
+        return open_image(r.content, source)  # errors name the URL
     return open_image(Path(source).expanduser())
 
 

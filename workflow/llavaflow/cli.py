@@ -35,6 +35,28 @@ def cmd_build_tiny(args) -> None:
     build_tiny_assets(Path(args.out), Path(args.mmbench_dir), args.datasets, seed=args.seed)
 
 
+def _folder(text: str) -> str:
+    """A local model folder that must exist."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return text
+
+
+def _model_ref(text: str) -> str:
+    """A local folder or a hub repo id ('org/name'): a path-like value must exist, so that a missing
+    folder is not reported by the hub client as a malformed repo id."""
+    path = Path(text).expanduser()
+    if (text.startswith(("/", ".", "~")) or text.count("/") > 1) and not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder (a hub repo id looks like 'org/name')")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
@@ -81,25 +103,25 @@ def _add_convert(sub) -> None:
     conv = c.add_subparsers(dest="conversion", required=True)
     p = conv.add_parser("pth_to_hf", help="iter_N.pth (file or DeepSpeed dir) -> xtuner-style HF folder")
     p.add_argument("config", nargs="?", help="llavaflow config YAML naming the base LLM and visual encoder")
-    p.add_argument("pth_model")
+    p.add_argument("pth_model", type=_existing_file)
     p.add_argument("save_dir")
-    p.add_argument("--llm", help="base LLM (hub id or folder); overrides CONFIG")
-    p.add_argument("--visual-encoder", help="base CLIP vision model; overrides CONFIG")
+    p.add_argument("--llm", type=_model_ref, help="base LLM (hub id or folder); overrides CONFIG")
+    p.add_argument("--visual-encoder", type=_model_ref, help="base CLIP vision model; overrides CONFIG")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="LLM dtype (ViT and projector stay fp32)")
     p.add_argument("--fp32", action="store_true", help="same as --dtype fp32 (xtuner's flag)")
     p.add_argument("--max-shard-size", type=_size, default="2GB")
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pth_to_hf)
     p = conv.add_parser("phi_to_llama", help="Phi-3 LLM folder -> Llama (exact below the 2047-token window)")
-    p.add_argument("--phi_path", required=True)
+    p.add_argument("--phi_path", required=True, type=_folder)
     p.add_argument("--save_path", required=True)
     p.add_argument("--max-shard-size", type=_size, default="2GB")
     p.set_defaults(func=cmd_phi_to_llama)
     for fmt, what in (("to_llava", "official LLaVA format"), ("to_hf", "HF LlavaForConditionalGeneration format")):
         p = conv.add_parser(fmt, help=f"xtuner folder (Llama LLM) -> {what}")
-        p.add_argument("--text_model_id", required=True, help="the Llama LLM folder (phi_to_llama output)")
-        p.add_argument("--vision_model_id", required=True, help="the visual_encoder/ folder")
-        p.add_argument("--projector_weight", required=True, help="projector/model.safetensors")
+        p.add_argument("--text_model_id", required=True, type=_folder, help="the Llama LLM folder (phi_to_llama output)")
+        p.add_argument("--vision_model_id", required=True, type=_folder, help="the visual_encoder/ folder")
+        p.add_argument("--projector_weight", required=True, type=_existing_file, help="projector/model.safetensors")
         p.add_argument("--save_path", required=True)
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
         p.add_argument("--max-shard-size", type=_size, default="2GB" if fmt == "to_llava" else "5GB")
@@ -166,9 +188,10 @@ def cmd_chat(args) -> int:
 
 def _add_chat(sub) -> None:
     c = sub.add_parser("chat", help="chat about an image with a trained model (xtuner chat's arguments)")
-    c.add_argument("model_name_or_path", help="results/iter_xtuner (xtuner-style) or results/iter_hf (HF export)")
-    c.add_argument("--llava", help="the LLaVA folder, if not the positional one")
-    c.add_argument("--visual-encoder", help="only for xtuner folders without visual_encoder/")
+    c.add_argument("model_name_or_path", type=_folder,
+                   help="results/iter_xtuner (xtuner-style) or results/iter_hf (HF export)")
+    c.add_argument("--llava", type=_folder, help="the LLaVA folder, if not the positional one")
+    c.add_argument("--visual-encoder", type=_model_ref, help="only for xtuner folders without visual_encoder/")
     c.add_argument("--prompt-template", default="phi3_chat")
     c.add_argument("--image", help="a path or an http(s) URL")
     c.add_argument("--system", help="system prompt (none by default, as in training)")
@@ -194,7 +217,11 @@ def cmd_download(args) -> None:
     if args.entries:
         raw = json.loads(args.entries)
     else:
-        manifest = yaml.safe_load(Path(args.config).read_text())["downloads"][args.section]
+        sections = (yaml.safe_load(Path(args.config).read_text()) or {}).get("downloads") or {}
+        if args.section not in sections:
+            raise SystemExit(f"llavaflow download: {args.config} has no downloads.{args.section} section "
+                             f"(it has: {', '.join(sections) or 'none'})")
+        manifest = sections[args.section]
         raw = [dict(e, dest=e.get("dest", f"{name}.tsv")) for name, e in manifest.items()] \
             if isinstance(manifest, dict) else manifest
     results = download([Entry.from_dict(e) for e in raw], args.root, args.jobs)
@@ -229,12 +256,12 @@ def _add_download(sub) -> None:
 
 def _add_mmbench(sub) -> None:
     m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
-    m.add_argument("model_name_or_path", help="the xtuner-style folder (results/iter_xtuner)")
-    m.add_argument("--llava", help="the xtuner-style LLaVA folder, if not the positional one")
-    m.add_argument("--visual-encoder", help="only for folders without visual_encoder/")
+    m.add_argument("model_name_or_path", type=_folder, help="the xtuner-style folder (results/iter_xtuner)")
+    m.add_argument("--llava", type=_folder, help="the xtuner-style LLaVA folder, if not the positional one")
+    m.add_argument("--visual-encoder", type=_model_ref, help="only for folders without visual_encoder/")
     m.add_argument("--visual-select-layer", type=int, default=-2)
     m.add_argument("--prompt-template", default="phi3_chat")
-    m.add_argument("--data-path", required=True, help="the benchmark TSV")
+    m.add_argument("--data-path", required=True, type=_existing_file, help="the benchmark TSV")
     m.add_argument("--work-dir", required=True)
     m.add_argument("--dataset", help="name used in output files (default: the TSV's stem)")
     m.add_argument("--policy", default="vlmeval", help="answer extraction: vlmeval (default), xtuner, or a full policy name")
@@ -269,10 +296,49 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_debug_everywhere(p: argparse.ArgumentParser) -> None:
+    """--debug before or after the subcommand (argparse has no inherited options: walk the subparsers)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show the full traceback instead of one line")
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_everywhere(child)
+
+
+def explain(e: BaseException) -> str:
+    """One line for an error: our own errors already name the file/row/URL and what to do; library errors
+    get their type and, where we know it, what it means here."""
+    text = str(e).strip() or type(e).__name__
+    if type(e).__module__.startswith("llavaflow"):
+        return text
+    name = type(e).__name__
+    if name == "HFValidationError":  # a path that does not exist is taken for a (malformed) hub repo id
+        return (f"not an existing folder, nor a valid Hugging Face repo id ({text.splitlines()[0]}); "
+                "check the path")
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.filename}: no such file or folder"
+    if isinstance(e, OSError) and "is not a local folder and is not a valid model identifier" in text:
+        return text.splitlines()[0] + " (no such local folder, and the hub has no such model)"
+    first = text.splitlines()[0]
+    return f"{name}: {first}" + (" [...]" if "\n" in text else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser().parse_args(argv)
-    return args.func(args) or 0
+    p = parser()
+    _add_debug_everywhere(p)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print(f"llavaflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the command line's one place for errors: one line, or the traceback on --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"llavaflow {args.command}: error: {explain(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

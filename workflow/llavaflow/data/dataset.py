@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..template import PromptTemplate
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     pass
+
+
+_COUNTER_SLOTS = 1024  # slot 0: the main process; slot 1 + worker id: a DataLoader worker
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class LlavaDataset(Dataset):
         self.on_bad_sample = on_bad_sample
         self.samples: list[Sample] = []
         self.skipped = {"malformed": 0, "missing_image": 0, "no_label": 0}
+        # Images found unreadable only when loaded (in DataLoader worker processes) are replaced by the next
+        # sample; each worker counts into its own slot of a shared-memory tensor, so the main process sees
+        # the total without any extra channel through the batches.
+        self._replaced = torch.zeros(_COUNTER_SLOTS, dtype=torch.long).share_memory_()
         for src in sources:
             records, bad = read_annotations(src["annotation"], on_bad_sample)
             self.skipped["malformed"] += bad
@@ -159,19 +166,39 @@ class LlavaDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         return [s.modality_length for s in self.samples]
 
+    @property
+    def replaced_images(self) -> int:
+        """Samples replaced (on_bad_sample: skip) because their image could not be loaded, in this process
+        and its DataLoader workers."""
+        return int(self._replaced.sum())
+
+    def bad_sample_counts(self) -> dict:
+        """Every kind of bad sample skipped or replaced so far (this rank's view; replaced images are the
+        ones this rank's loaders met)."""
+        return {**self.skipped, "replaced_image": self.replaced_images}
+
+    def _count_replacement(self) -> None:
+        info = get_worker_info()
+        self._replaced[0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)] += 1
+
     def __getitem__(self, idx: int) -> dict:
-        sample = self.samples[idx]
-        if sample.image_path is None:
-            pixel_values = self.transform.blank()
-        else:
+        for attempt in range(len(self)):
+            sample = self.samples[(idx + attempt) % len(self)]
+            if sample.image_path is None:
+                pixel_values = self.transform.blank()
+                break
             try:
                 pixel_values = self.transform(open_image(sample.image_path))
+                break
             except ImageError as e:
                 if self.on_bad_sample != "skip":
                     raise DataError(f"{sample.record.where}: {e}") from None
                 # A corrupt file found only now: use the next sample so batch shapes stay fixed.
-                log.warning("replacing %s (unreadable image: %s)", sample.record.where, e)
-                return self[(idx + 1) % len(self)]
+                self._count_replacement()
+                log.warning("replacing %s with the next sample (unreadable image: %s); %d replaced so far",
+                            sample.record.where, e, self.replaced_images)
+        else:
+            raise DataError(f"no sample with a readable image in {len(self)} samples")
         return {
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
             "labels": torch.tensor(sample.labels, dtype=torch.long),

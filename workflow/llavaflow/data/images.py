@@ -1,4 +1,9 @@
-"""Image loading and preprocessing, identical for training, chat and evaluation (recipe §5)."""
+"""Image loading and preprocessing, identical for training, chat and evaluation (recipe §5).
+
+Every image, in training, chat and evaluation, goes through `open_image`: decoded, turned upright by
+its EXIF orientation tag (as transformers' `load_image` does with `ImageOps.exif_transpose`; xtuner's
+loaders ignore the tag, so a phone photo is seen sideways there), then converted to RGB.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class ImageError(ValueError):
@@ -34,9 +39,13 @@ def to_rgb(img: Image.Image, source: str) -> Image.Image:
         raise ImageError(f"{source}: cannot convert image mode {img.mode} to RGB: {e}") from e
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Open a path or raw bytes as an RGB image, with an error that names the file."""
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open a path or raw bytes as an upright RGB image, with an error that names the file.
+
+    name: what to call the image in errors (e.g. "MMBench_DEV_EN.tsv index 241" or a URL) when
+    source is raw bytes.
+    """
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except FileNotFoundError:
@@ -47,9 +56,23 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         try:
             img = Image.open(fp)
             img.load()
+        except Image.DecompressionBombError as e:
+            # PIL's guard against images that decompress to GBs (> 2 x MAX_IMAGE_PIXELS): never load them.
+            size = str(e).split(", could")[0]
+            raise ImageError(f"{name}: refused as a possible decompression bomb ({size}); "
+                             "resize the image or leave it out") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: not a readable image ({e})") from e
+        img = upright(img, name)
     return to_rgb(img, name)
+
+
+def upright(img: Image.Image, name: str) -> Image.Image:
+    """Apply the EXIF orientation tag (rotate/flip as a viewer shows it), as transformers' load_image does."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (ValueError, OSError, SyntaxError) as e:  # a malformed EXIF block
+        raise ImageError(f"{name}: unreadable EXIF orientation ({e})") from e
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

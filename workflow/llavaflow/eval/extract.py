@@ -11,7 +11,9 @@ REFUSALS = (
     "Cannot determine the answer",
 )
 _PUNCT = re.compile(r"[.()\[\],:;!*#{}]")
-_ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s*[:：]?\s*\**\(?([A-D])\)?\**", re.IGNORECASE)
+# VLMEvalKit head's rule, verbatim: "answer is" needs whitespace before the letter (no colon, no
+# parenthesis); the match is case-insensitive and the letter is upper-cased ("answer is a blue ..." -> A).
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
 def _option_inference(pred: str, choices: dict[str, str], version: str, verbose_quirk: bool) -> str:
@@ -31,8 +33,8 @@ def _option_inference(pred: str, choices: dict[str, str], version: str, verbose_
         return "Z"
     if version == "head":  # its "(correct) answer is X" rule, tried when the token rule gave nothing
         m = _ANSWER_IS.search(pred)
-        if m and m.group(1) in choices:
-            return m.group(1)
+        if m and m.group(1).upper() in choices:
+            return m.group(1).upper()
     return ""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from tqdm import tqdm
 
 from ..template import get_template
@@ -46,27 +47,39 @@ def build_prompts(df: pd.DataFrame) -> list[Prompt]:
     for idx, row in df.iterrows():
         hint = row["hint"] if "hint" in df.columns and not pd.isna(row["hint"]) else None
         text = "<image>\n" + mcq_text(str(row["question"]), options(row, letters), hint)
-        prompts.append(Prompt(int(idx), text, image_bytes(df, idx)))
+        prompts.append(Prompt(int(idx), text, image_bytes(df, idx), f"{df.attrs.get('path', 'benchmark')} index {idx}"))
     return prompts
 
 
-def _load_cache(path: Path) -> dict[int, str]:
+def _load_cache(path: Path, repair: bool = False) -> dict[int, str]:
+    """The predictions in a cache file. A line that does not parse (what a crash mid-write leaves, at the
+    end) is dropped and its row is predicted again; with repair, the file is rewritten without it, so that
+    new lines are not appended after a torn one."""
     if not path.exists():
         return {}
-    done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8")
+    done, good, torn = {}, [], 0
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
             done[int(rec["index"])] = rec["prediction"]
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by a crash: everything after it is redone
+            good.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            torn += 1
+    complete = not text or text.endswith("\n")
+    if (torn or not complete) and repair:
+        log.warning("%s: %d unreadable line(s) dropped (an interrupted write); their rows are predicted again",
+                    path, torn)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in good), encoding="utf-8")
+        os.replace(tmp, path)
     return done
 
 
 def predict_all(predictor: Predictor, prompts: list[Prompt], cache: Path, batch_size: int, fast: bool,
                 rank: int = 0, world: int = 1) -> None:
     """Predict this rank's share of the rows, appending to its cache file; rows already there are skipped."""
-    done = _load_cache(cache)
+    done = _load_cache(cache, repair=True)
     mine = [p for i, p in enumerate(prompts) if i % world == rank and p.key not in done]
     with open(cache, "a", encoding="utf-8") as f, tqdm(total=len(mine), disable=rank != 0, desc="mmbench") as bar:
         for start in range(0, len(mine), batch_size):
@@ -126,19 +139,44 @@ def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path,
         counts[name] = {"unparsed": sum(e == "" for e in extracted), "Z": sum(e == "Z" for e in extracted)}
         if name == policy:
             table["extracted"] = extracted
-    summary = {"dataset": dataset, "policy": policy, **settings, "rows": len(table), "extraction": counts}
+    summary = {"dataset": dataset, "policy": policy, **settings, "rows": len(table), "extraction": counts,
+               "input_issues": df.attrs.get("input_issues", {})}
     if scorable(df):
         scores = score(table)
         summary.update(scores)
-        write_acc_csv(work_dir / f"{dataset}_acc.csv", scores["circular"])
+        write_acc_csv(work_dir / f"{dataset}_acc.csv", scores["acc_rows"])
         has_l2 = "l2-category" in df.columns
         (work_dir / "mmbench_result.json").write_text(json.dumps(xtuner_result(scores["circular"], has_l2), indent=2))
         table["hit"] = (table["extracted"] == table["answer"]).astype(int)
     else:
         summary["scorable"] = False
-        summary["note"] = "no answer column (TEST split): predictions written for submission, no accuracy claimed"
-    table.to_excel(work_dir / "predictions.xlsx", index=False)
-    table.to_csv(work_dir / "predictions.csv", index=False)
+        summary["note"] = ("no answers (TEST split, or rows without an answer: see input_issues): predictions "
+                           "written for submission, no accuracy claimed")
+    table.to_csv(work_dir / "predictions.csv", index=False)  # the raw text, control characters included
+    summary["xlsx_replaced_characters"] = write_xlsx(table, work_dir / "predictions.xlsx")
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=float))
     log.info("%s: %s", dataset, {k: summary[k]["Overall"] for k in ("circular", "vanilla_0", "vanilla_all") if k in summary})
     return summary
+
+
+def write_xlsx(table: pd.DataFrame, path: Path) -> dict:
+    """The xlsx, with each control character the format cannot hold (\\x00-\\x08, \\x0b, \\x0c, \\x0e-\\x1f, e.g.
+    the \\x07 in real xtuner output, on which xtuner's own writer crashes) replaced by U+FFFD; the csv keeps
+    the raw text. Returns {index: count} of the rows changed."""
+    changed = {}
+
+    def clean(value, index):
+        if isinstance(value, str) and ILLEGAL_CHARACTERS_RE.search(value):
+            value, n = ILLEGAL_CHARACTERS_RE.subn("\ufffd", value)
+            changed[int(index)] = changed.get(int(index), 0) + n
+        return value
+
+    safe = table.copy()
+    for col in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[col]):
+            safe[col] = [clean(v, i) for v, i in zip(safe[col], safe["index"])]
+    if changed:
+        log.warning("%s: %d control character(s) in %d row(s) (e.g. index %d) written as U+FFFD; predictions.csv "
+                    "keeps the raw text", path, sum(changed.values()), len(changed), next(iter(changed)))
+    safe.to_excel(path, index=False)
+    return changed

@@ -21,6 +21,13 @@ class Prompt:
     key: int
     text: str  # the user message, "<image>\n..." when there is an image
     image: bytes | None
+    where: str = ""  # how errors name this row, e.g. "MMBench_DEV_EN.tsv index 241"
+
+
+def prompt_pixels(prompts: list[Prompt], transform: ImageTransform) -> torch.Tensor:
+    """The batch's pixel values; an unreadable image is an error naming its row (Prompt.where)."""
+    return torch.stack([transform(open_image(p.image, p.where or None)) if p.image is not None else transform.blank()
+                        for p in prompts])
 
 
 class Predictor:
@@ -49,8 +56,7 @@ class Predictor:
 
     def predict_batch(self, prompts: list[Prompt], fast: bool = True) -> dict[int, str]:
         ids = [self.ids(p) for p in prompts]
-        pixels = torch.stack([self.transform(open_image(p.image)) if p.image is not None else self.transform.blank()
-                              for p in prompts])
+        pixels = prompt_pixels(prompts, self.transform)
         out: dict[int, str] = {}
         todo = list(range(len(prompts)))
         if fast and self.max_new_tokens > 2:

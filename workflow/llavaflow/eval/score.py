@@ -32,35 +32,68 @@ def circular_hits(table: pd.DataFrame) -> pd.DataFrame:
     return mains.assign(hit=hits.reindex(mains.index).astype(int)).reset_index()
 
 
-def breakdown(rows: pd.DataFrame, split: str) -> dict:
-    """{split, Overall, <L2 abbreviations>, <categories>} as VLMEvalKit's _acc.csv row."""
-    out = {"split": split, "Overall": rows["hit"].mean()}
-    if "l2-category" in rows.columns:
-        for name in sorted(rows["l2-category"].dropna().unique()):
-            out[L2_ABBREVIATIONS.get(name, name)] = rows.loc[rows["l2-category"] == name, "hit"].mean()
-    for name in sorted(rows["category"].dropna().unique()):
-        out[name] = rows.loc[rows["category"] == name, "hit"].mean()
+def _mean(hits: pd.Series) -> float:
+    return float(hits.mean()) if len(hits) else float("nan")  # an empty cell, as VLMEvalKit's np.mean of nothing
+
+
+def breakdown(rows: pd.DataFrame, split: str, l2_names=None, categories=None) -> dict:
+    """{split, Overall, <L2 abbreviations>, <categories>} as VLMEvalKit's _acc.csv row.
+
+    The column set comes from the whole file (l2_names, categories), so every split's row has the same
+    columns; a category absent from this split is NaN, as in VLMEvalKit's report_acc.
+    """
+    if l2_names is None and "l2-category" in rows.columns:
+        l2_names = sorted(rows["l2-category"].dropna().unique())
+    if categories is None:
+        categories = sorted(rows["category"].dropna().unique())
+    out = {"split": split, "Overall": _mean(rows["hit"])}
+    for name in l2_names or []:
+        out[L2_ABBREVIATIONS.get(name, name)] = _mean(rows.loc[rows["l2-category"] == name, "hit"])
+    for name in categories:
+        out[name] = _mean(rows.loc[rows["category"] == name, "hit"])
     return out
 
 
+def splits_of(table: pd.DataFrame) -> pd.Series:
+    """Each row's split; 'none' without a split column (CCBench) or for an empty cell, as VLMEvalKit."""
+    if "split" not in table.columns:
+        return pd.Series("none", index=table.index)
+    return table["split"].fillna("none").astype(str)
+
+
+def per_split(rows: pd.DataFrame) -> list[dict]:
+    """One breakdown per distinct split value, sorted (VLMEvalKit's order comes from a set: not stable)."""
+    split = splits_of(rows)
+    l2 = sorted(rows["l2-category"].dropna().unique()) if "l2-category" in rows.columns else None
+    cats = sorted(rows["category"].dropna().unique())
+    return [breakdown(rows[split == s], s, l2, cats) for s in sorted(split.unique())]
+
+
 def score(table: pd.DataFrame) -> dict:
-    """table: every predicted row with index, answer, category[, l2-category, split], extracted."""
+    """table: every predicted row with index, answer, category[, l2-category, split], extracted.
+
+    `circular`, `vanilla_0` and `vanilla_all` pool every split (their `split` names it, or is 'all'
+    when there are several); `acc_rows` holds the circular breakdown of each split, as in `_acc.csv`.
+    """
     circ = circular_hits(table)
-    split = str(table["split"].iloc[0]) if "split" in table.columns and table["split"].notna().all() else "none"
+    names = sorted(splits_of(table).unique())
+    split = names[0] if len(names) == 1 else "all"
     vanilla_all = table.assign(hit=(table["extracted"] == table["answer"]).astype(int))
     vanilla_0 = vanilla_all[vanilla_all["index"] < 1_000_000]
     return {
         "circular": breakdown(circ, split), "vanilla_0": breakdown(vanilla_0, split),
         "vanilla_all": breakdown(vanilla_all, split), "questions": int(len(circ)), "rows": int(len(table)),
+        "acc_rows": per_split(circ),
     }
 
 
-def write_acc_csv(path: Path, row: dict) -> None:
-    """VLMEvalKit `_acc.csv`: QUOTE_ALL, split, Overall, L2 abbreviations, categories; fractions."""
+def write_acc_csv(path: Path, rows: list[dict]) -> None:
+    """VLMEvalKit `_acc.csv` as its pandas to_csv writes it: QUOTE_ALL, LF line ends, NaN as "", fractions."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_ALL)
-        w.writerow(list(row))
-        w.writerow(list(row.values()))
+        w = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        w.writerow(list(rows[0]))
+        for row in rows:
+            w.writerow(["" if isinstance(v, float) and v != v else v for v in row.values()])
 
 
 def xtuner_result(circular: dict, has_l2: bool) -> dict:

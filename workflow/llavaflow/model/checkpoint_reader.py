@@ -14,6 +14,11 @@ class CheckpointError(ValueError):
 
 
 def _torch_load(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); its legacy format is a pickle (protocol byte 0x80).
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save: it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated files, pickles with foreign classes, not a torch file at all

@@ -153,6 +153,8 @@ def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
                   f"{'resuming at iteration ' + str(start) if start else 'starting fresh'}", flush=True)
         _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
              FlopModel.of(model))
+        if rank == 0 and any(dataset.bad_sample_counts().values()):  # on_bad_sample: skip
+            print(f"bad samples skipped or replaced (rank 0): {dataset.bad_sample_counts()}", flush=True)
         if rank == 0:
             _, last = resume_state.newest_checkpoint(work_dir)
             resume_state.publish(last, output, [work_dir / "metrics.jsonl"])
