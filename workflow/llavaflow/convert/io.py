@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -129,20 +131,79 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-@contextlib.contextmanager
-def atomic_folder(out: Path):
-    """Yield a temporary sibling folder; it becomes `out` only when the block completes."""
+TMP_NAME = ".{name}.tmp-{pid}"
+_TMP_RE = r"^\.{name}\.tmp-(\d+)$"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID/` folders next to `out` that a killed conversion of ours left: exactly our
+    naming, and only when that PID is no longer running (nothing else is touched)."""
+    pattern = re.compile(_TMP_RE.format(name=re.escape(out.name)))
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*") if out.parent.is_dir() else []:
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def check_output(out: Path, inputs=(), overwrite: bool = False) -> None:
+    """Refuse, before anything is written, an output that would destroy data we did not create: an
+    existing non-empty SAVE_DIR (unless `overwrite`), and always one that is or holds an input."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        inp = Path(given).resolve()
+        if inp == target or target in inp.parents:
+            raise ConversionError(f"{out}: the output folder is or contains the input {given}; "
+                                  "choose another output folder (replacing it would delete the input)")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        if not overwrite:
+            raise ConversionError(f"{out}: exists and is not a folder; pass --overwrite to replace it")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, *, inputs=(), overwrite: bool = False):
+    """Yield a temporary sibling folder; it becomes `out` only when the block completes.
+
+    Checked first (check_output): `out` holding an input is refused, an existing non-empty `out` only
+    replaced with `overwrite`. Temporaries of killed earlier runs are removed; ours is removed on failure.
+    """
+    out = Path(out)
+    check_output(out, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = out.with_name(TMP_NAME.format(name=out.name, pid=os.getpid()))
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
+    check_output(out, inputs, overwrite)  # something may have appeared there meanwhile
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)  # out was empty or --overwrite was given
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+        return
     os.replace(tmp, out)
 
 
