@@ -170,3 +170,24 @@ def test_parts_that_do_not_fit_are_refused_before_writing(tiny, converted, tmp_p
         with pytest.raises(ConversionError, match=rf"projector gives 32 features, the LLM's hidden size is {llm_hidden}"):
             export(*args, bad / "model.safetensors", tmp_path / "iter_llava", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth", "bad_projector"]
+
+
+def test_cli_takes_dtype_and_shape_facts_from_the_config(tiny, converted, tmp_path):
+    """`llavaflow convert pth_to_hf CONFIG ...`: convert.dtype and model.visual_select_layer come from CONFIG
+    (a flag overrides explicitly); config.json keeps _name_or_path for xtuner's convert_phi_to_llama.py."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "tiny.yaml").read_text())
+    cfg["model"].update(llm=str(tiny["llm"]), visual_encoder=str(tiny["vit"]), visual_select_layer=-1)
+    cfg["convert"]["dtype"] = "fp16"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    base = [sys.executable, "-m", "llavaflow.cli", "convert", "pth_to_hf", str(tmp_path / "c.yaml"),
+            str(converted["out"] / "iter_9.pth")]
+    for out, extra, dtype, layer in (("a", [], "F16", -1), ("b", ["--dtype", "bf16", "--visual-select-layer", "-3"], "BF16", -3)):
+        proc = subprocess.run(base + [str(tmp_path / out), *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        index = json.loads((tmp_path / out / "model.safetensors").read_bytes()[8:][: int.from_bytes(
+            (tmp_path / out / "model.safetensors").read_bytes()[:8], "little")])
+        assert {v["dtype"] for k, v in index.items() if k != "__metadata__"} == {dtype}
+        assert json.loads((tmp_path / out / "projector" / "config.json").read_text())["visual_select_layer"] == layer
+        assert json.loads((tmp_path / out / "config.json").read_text())["_name_or_path"] == str(tiny["llm"])

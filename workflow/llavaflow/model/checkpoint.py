@@ -12,6 +12,7 @@ such a placeholder (it needs foreign code to exist) is refused with its key and 
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def _placeholder(full_name: str) -> type:
 
 def _torch_load(path: Path) -> tuple[object, list[str]]:
     """(object, names of the foreign globals replaced by placeholders)."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: cannot read checkpoint: not a torch.save zip archive (truncated, or another "
+                              "file format)")
     try:
         foreign = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         stand_ins = [(_placeholder(name), name) for name in foreign]
