@@ -262,8 +262,9 @@ def _recipe_model(tiny, depth: int, layer: int, seed: int):
 
 
 def _llava_as_llava_builds_it(folder: Path):
-    """The official-LLaVA folder read the way LLaVA's builder reads it: projector type by its regex
-    (`^mlp(\\d+)x_gelu$`), select layer from mm_vision_select_layer, tower config from mm_vision_tower."""
+    """The official-LLaVA folder read the way LLaVA's builder reads it: projector type `linear` (one Linear,
+    keys without an index) or by its regex `^mlp(\\d+)x_gelu$`, select layer from mm_vision_select_layer, tower
+    config from mm_vision_tower."""
     import re
 
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -275,7 +276,8 @@ def _llava_as_llava_builds_it(folder: Path):
 
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["mm_vision_select_feature"] == "patch"
-    depth = int(re.match(r"^mlp(\d+)x_gelu$", cfg["mm_projector_type"]).group(1))
+    kind = cfg["mm_projector_type"]
+    depth = 1 if kind == "linear" else int(re.match(r"^mlp(\d+)x_gelu$", kind).group(1))
     llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
     vit = CLIPVisionModel(CLIPVisionConfig.from_pretrained(cfg["mm_vision_tower"]))
     proj = ProjectorModel(ProjectorConfig(visual_hidden_size=cfg["mm_hidden_size"], llm_hidden_size=cfg["hidden_size"],
@@ -292,36 +294,39 @@ def _llava_as_llava_builds_it(folder: Path):
     return LlavaModel(llm, vit, proj, cfg["mm_vision_select_layer"]).eval()
 
 
-def test_depth3_layer_minus3_through_every_format(tiny, tokenizer, tmp_path):
-    model, state = _recipe_model(tiny, depth=3, layer=-3, seed=1)
+@pytest.mark.parametrize("depth, layer, llava_type", [(3, -3, "mlp3x_gelu"), (1, -1, "linear")])
+def test_non_default_projector_through_every_format(tiny, tokenizer, tmp_path, depth, layer, llava_type):
+    model, state = _recipe_model(tiny, depth=depth, layer=layer, seed=depth)
     torch.save({"state_dict": state}, tmp_path / "iter_2.pth")
     pth_to_hf(tmp_path / "iter_2.pth", tmp_path / "iter_xtuner", str(tiny["llm"]), str(tiny["vit"]), dtype="fp32",
-              visual_select_layer=-3, projector_depth=3)
+              visual_select_layer=layer, projector_depth=depth)
     proj_cfg = json.loads((tmp_path / "iter_xtuner" / "projector" / "config.json").read_text())
-    assert (proj_cfg["depth"], proj_cfg["visual_select_layer"], proj_cfg["hidden_act"]) == (3, -3, "gelu")
+    assert (proj_cfg["depth"], proj_cfg["visual_select_layer"], proj_cfg["hidden_act"]) == (depth, layer, "gelu")
     phi_to_llama(tmp_path / "iter_xtuner", tmp_path / "iter_xtuner_llama_llm")
     args = (tmp_path / "iter_xtuner_llama_llm", tmp_path / "iter_xtuner" / "visual_encoder",
             tmp_path / "iter_xtuner" / "projector" / "model.safetensors")
     to_llava(*args, tmp_path / "iter_llava", mm_vision_tower=str(tiny["vit"]), dtype="fp32")
     llava_cfg = json.loads((tmp_path / "iter_llava" / "config.json").read_text())
-    assert (llava_cfg["mm_projector_type"], llava_cfg["mm_vision_select_layer"]) == ("mlp3x_gelu", -3)
-    assert "model.mm_projector.4.weight" in folder_tensors(tmp_path / "iter_llava")
-    with pytest.raises(ConversionError, match="3-layer projector has no HF LLaVA form: transformers' "
+    assert (llava_cfg["mm_projector_type"], llava_cfg["mm_vision_select_layer"]) == (llava_type, layer)
+    assert f"model.mm_projector.{'4.' if depth == 3 else ''}weight" in folder_tensors(tmp_path / "iter_llava")
+    with pytest.raises(ConversionError, match=f"{depth}-layer projector has no HF LLaVA form: transformers' "
                                               "LlavaMultiModalProjector is exactly two Linear layers"):
         to_hf(*args, tmp_path / "iter_hf")
     assert not (tmp_path / "iter_hf").exists()
 
     _, _, ids, pixels = _inputs(tokenizer, tiny)
     folder = load_xtuner_llava(tmp_path / "iter_xtuner")  # what chat and mmbench load
-    assert folder.visual_select_layer == -3 and load_xtuner_llava(tmp_path / "iter_xtuner", visual_select_layer=-1).visual_select_layer == -1
+    assert folder.visual_select_layer == layer
+    overridden = load_xtuner_llava(tmp_path / "iter_xtuner", visual_select_layer=-2)  # an explicit --visual-select-layer
+    assert overridden.visual_select_layer == -2
     llava = _llava_as_llava_builds_it(tmp_path / "iter_llava")
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = model(x, pixel_values=pixels).logits
         assert torch.equal(folder(x, pixel_values=pixels).logits, ref)
         assert torch.equal(llava(x, pixel_values=pixels).logits, ref)
-        # the select layer matters: the default layer gives other logits
-        assert not torch.allclose(load_xtuner_llava(tmp_path / "iter_xtuner", visual_select_layer=-2)(x, pixel_values=pixels).logits, ref)
+        # the select layer matters: xtuner's default layer would give other logits
+        assert not torch.allclose(overridden(x, pixel_values=pixels).logits, ref)
 
 
 def test_layer_minus3_through_stock_transformers(tiny, tokenizer, tmp_path):
