@@ -152,12 +152,14 @@ def cmd_mmbench(args) -> None:
     from .model.loading import load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
+    layer = args.visual_select_layer  # None: the layer the folder's projector/config.json records
     device = _init_ranks()
     model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
-                                                            args.visual_encoder, args.visual_select_layer, device)
+                                                            args.visual_encoder, layer, device)
+    # An overridden layer is another model: its predictions must not be reused from the cache.
+    model_id = folder_fingerprint(folder) + ("" if layer is None else f":select_layer={layer}")
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
-             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path,
-             model_id=folder_fingerprint(folder))
+             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id)
 
 
 def cmd_chat(args) -> int:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
 from ..template import PHI3_CHAT
-from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, check_output, copy_files, iter_tensors,
-                 read_json, write_json)
+from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, atomic_folder, check_output, copy_files,
+                 iter_tensors, read_json, write_json)
 from .tables import UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,8 @@ def _projector_facts(projector_weight, vision_cfg, text_cfg: dict, visual_select
                               f"says ({proj.llm_hidden_size}, {proj.visual_hidden_size})")
     if f"model.{2 * (proj.depth - 1)}.weight" not in shapes or f"model.{2 * proj.depth}.weight" in shapes:
         raise ConversionError(f"{projector_weight}: the weights do not have the {proj.depth} Linear layers its config.json says")
-
-    class _Text:
-        hidden_size = text_cfg["hidden_size"]
-
     try:
-        check_fit(proj, vision_cfg, _Text, projector_weight.parent)
+        check_fit(proj, vision_cfg, SimpleNamespace(hidden_size=text_cfg["hidden_size"]), projector_weight.parent)
     except FolderError as e:
         raise ConversionError(str(e)) from None
     return proj
@@ -146,7 +143,8 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         "image_token_index": image_id, "pad_token_id": pad_id, "image_seq_length": patches,
         "projector_hidden_act": proj.hidden_act,
         "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
-        "vision_feature_layer": proj.visual_select_layer, "multimodal_projector_bias": proj.bias, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+        "vision_feature_layer": proj.visual_select_layer, "multimodal_projector_bias": proj.bias,
+        "tie_word_embeddings": False, "torch_dtype": torch_dtype,
         "text_config": _legacy_text_config(text_cfg, torch_dtype), "vision_config": vision,
     }
     size = clip_proc.crop_size["height"]
@@ -170,7 +168,8 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         write_json(tmp / "chat_template.json", {"chat_template": PHI3_CHAT_TEMPLATE})
         write_json(tmp / "processor_config.json", {
             "image_token": "<image>", "patch_size": vision_cfg.patch_size, "num_additional_image_tokens": 1,
-            "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature], "processor_class": "LlavaProcessor"})
+            "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
+            "processor_class": "LlavaProcessor"})
         write_json(tmp / "preprocessor_config.json", preprocessor)
         write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": pad_id})
