@@ -96,6 +96,15 @@ def test_to_hf_weights_equal_xtuners_and_its_defects_are_not_copied(ours):
     assert xt["image_seq_length"] == 576 and mine["image_seq_length"] == 16
     proc = json.loads((ours / "iter_4_hf" / "processor_config.json").read_text())
     assert json.loads((theirs / "processor_config.json").read_text())["patch_size"] is None and proc["patch_size"] == 14
+    # xtuner's image processor centre-crops (training padded to a square); ours pads
+    xt_pre, pre = (json.loads((f / "preprocessor_config.json").read_text()) for f in (theirs, ours / "iter_4_hf"))
+    assert xt_pre["image_processor_type"] == "CLIPImageProcessor" and "do_pad" not in xt_pre
+    assert (pre["image_processor_type"], pre["do_pad"]) == ("LlavaImageProcessor", True)
+    # xtuner's generation config never stops on <|end|> (eos 500 = <|endoftext|> only); ours does
+    end = json.loads((LLM / "tokenizer.json").read_text())["added_tokens"]
+    end_id = next(t["id"] for t in end if t["content"] == "<|end|>")
+    assert json.loads((theirs / "generation_config.json").read_text())["eos_token_id"] == 500
+    assert end_id in json.loads((ours / "iter_4_hf" / "generation_config.json").read_text())["eos_token_id"]
 
 
 def _cli(*args, timeout=300):
