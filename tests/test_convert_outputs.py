@@ -40,6 +40,11 @@ def test_save_dir_holding_the_input_is_refused_even_with_overwrite(tiny, ckpt):
         with pytest.raises(ConversionError, match="is or contains the input"):
             pth_to_hf(ckpt, ckpt, str(tiny["llm"]), str(tiny["vit"]), overwrite=overwrite)
     assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ["iter_10.pth"]
+    base = ckpt.parent.parent / "base"  # a local base model inside SAVE_DIR is an input as well
+    shutil.copytree(tiny["llm"], base / "llm")
+    with pytest.raises(ConversionError, match=r"base: the output folder is or contains the input .*base/llm"):
+        pth_to_hf(ckpt, base, str(base / "llm"), str(tiny["vit"]), overwrite=True)
+    assert (base / "llm" / "config.json").exists()
 
 
 def test_phi_to_llama_onto_its_input_is_refused(converted, tmp_path):

@@ -199,8 +199,10 @@ def atomic_folder(out: Path, *, inputs=(), overwrite: bool = False):
     if out.is_symlink() or out.is_file():
         out.unlink()
     elif out.exists():
+        # out was empty or --overwrite was given. Should we die between the two renames, the old folder
+        # stays as .NAME.old-PID (never removed automatically: it may hold the user's data).
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)  # out was empty or --overwrite was given
+        os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old)
         return

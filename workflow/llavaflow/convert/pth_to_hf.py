@@ -166,7 +166,8 @@ def pth_to_hf(pth: str | Path, save_dir: str | Path, llm: str, visual_encoder: s
     holds the checkpoint.
     """
     save_dir = Path(save_dir)
-    check_output(save_dir, [pth], overwrite)
+    inputs = [pth, llm, visual_encoder]  # the base models too, when they are local folders
+    check_output(save_dir, inputs, overwrite)
     if visual_select_layer is None:
         visual_select_layer = (recipe or {}).get("visual_select_layer")
     if visual_select_layer is None:
@@ -178,7 +179,7 @@ def pth_to_hf(pth: str | Path, save_dir: str | Path, llm: str, visual_encoder: s
     state = load_state_dict(pth)
     parts = split_checkpoint(state)
     plan = _Plan(parts, llm, visual_encoder, pth, visual_select_layer, projector_depth)
-    with atomic_folder(save_dir, inputs=[pth], overwrite=overwrite) as tmp:
+    with atomic_folder(save_dir, inputs=inputs, overwrite=overwrite) as tmp:
         if parts["llm"]:
             write_llm(plan, tmp, DTYPES[dtype], max_shard_size, llm)
         if parts["visual_encoder"]:
