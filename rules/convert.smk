@@ -17,6 +17,7 @@ rule pth_to_hf:
         scripts=scripts_dir,
         llm=config["model"]["llm"],
         visual_encoder=config["model"]["visual_encoder"],
+        select_layer=config["model"]["visual_select_layer"],
         dtype=config["convert"]["dtype"],
         code=CONVERT_CODE,
     threads: 2
@@ -27,7 +28,7 @@ rule pth_to_hf:
         "../envs/llavaflow.yaml"
     shell:
         "{params.python} {params.scripts}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
-        " --dtype {params.dtype} > {log} 2>&1"
+        " --visual-select-layer {params.select_layer} --dtype {params.dtype} > {log} 2>&1"
 
 
 rule phi_to_llama:

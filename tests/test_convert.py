@@ -249,3 +249,103 @@ def test_bad_inputs_stop_with_a_clear_error_and_no_output(tiny, converted, tmp_p
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
     with pytest.raises(FolderError, match="no projector/"):
         load_xtuner_llava(tiny["llm"])
+
+
+# --- a non-default recipe: the shape facts travel with the model into every format ------------------------------
+
+def _recipe_model(tiny, depth: int, layer: int, seed: int):
+    torch.manual_seed(seed)
+    model = build_llava(str(tiny["llm"]), str(tiny["vit"]), projector_depth=depth, visual_select_layer=layer)
+    state = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return model.eval(), state
+
+
+def _llava_as_llava_builds_it(folder: Path):
+    """The official-LLaVA folder read the way LLaVA's builder reads it: projector type `linear` (one Linear,
+    keys without an index) or by its regex `^mlp(\\d+)x_gelu$`, select layer from mm_vision_select_layer, tower
+    config from mm_vision_tower."""
+    import re
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from llavaflow.convert.tables import xtuner_to_llava
+    from llavaflow.model.configuration_projector import ProjectorConfig
+    from llavaflow.model.llava import LlavaModel
+    from llavaflow.model.modeling_projector import ProjectorModel
+
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["mm_vision_select_feature"] == "patch"
+    kind = cfg["mm_projector_type"]
+    depth = 1 if kind == "linear" else int(re.match(r"^mlp(\d+)x_gelu$", kind).group(1))
+    llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    vit = CLIPVisionModel(CLIPVisionConfig.from_pretrained(cfg["mm_vision_tower"]))
+    proj = ProjectorModel(ProjectorConfig(visual_hidden_size=cfg["mm_hidden_size"], llm_hidden_size=cfg["hidden_size"],
+                                          depth=depth))
+    parts = {"llm": {}, "visual_encoder": {}, "projector": {}}
+    in_memory = set(vit.state_dict())
+    for name, t in folder_tensors(folder).items():
+        part, src = split_name(name, xtuner_to_llava(depth))
+        if part == "visual_encoder" and src not in in_memory:
+            src = src.removeprefix("vision_model.")  # transformers >= 5.6 names CLIP without the wrapper
+        parts[part][src] = t
+    for module, part in ((llm, "llm"), (vit, "visual_encoder"), (proj, "projector")):
+        module.load_state_dict(parts[part], strict=True)
+    return LlavaModel(llm, vit, proj, cfg["mm_vision_select_layer"]).eval()
+
+
+@pytest.mark.parametrize("depth, layer, llava_type", [(3, -3, "mlp3x_gelu"), (1, -1, "linear")])
+def test_non_default_projector_through_every_format(tiny, tokenizer, tmp_path, depth, layer, llava_type):
+    model, state = _recipe_model(tiny, depth=depth, layer=layer, seed=depth)
+    torch.save({"state_dict": state}, tmp_path / "iter_2.pth")
+    pth_to_hf(tmp_path / "iter_2.pth", tmp_path / "iter_xtuner", str(tiny["llm"]), str(tiny["vit"]), dtype="fp32",
+              visual_select_layer=layer, projector_depth=depth)
+    proj_cfg = json.loads((tmp_path / "iter_xtuner" / "projector" / "config.json").read_text())
+    assert (proj_cfg["depth"], proj_cfg["visual_select_layer"], proj_cfg["hidden_act"]) == (depth, layer, "gelu")
+    phi_to_llama(tmp_path / "iter_xtuner", tmp_path / "iter_xtuner_llama_llm")
+    args = (tmp_path / "iter_xtuner_llama_llm", tmp_path / "iter_xtuner" / "visual_encoder",
+            tmp_path / "iter_xtuner" / "projector" / "model.safetensors")
+    to_llava(*args, tmp_path / "iter_llava", mm_vision_tower=str(tiny["vit"]), dtype="fp32")
+    llava_cfg = json.loads((tmp_path / "iter_llava" / "config.json").read_text())
+    assert (llava_cfg["mm_projector_type"], llava_cfg["mm_vision_select_layer"]) == (llava_type, layer)
+    assert f"model.mm_projector.{'4.' if depth == 3 else ''}weight" in folder_tensors(tmp_path / "iter_llava")
+    with pytest.raises(ConversionError, match=f"{depth}-layer projector has no HF LLaVA form: transformers' "
+                                              "LlavaMultiModalProjector is exactly two Linear layers"):
+        to_hf(*args, tmp_path / "iter_hf")
+    assert not (tmp_path / "iter_hf").exists()
+
+    _, _, ids, pixels = _inputs(tokenizer, tiny)
+    folder = load_xtuner_llava(tmp_path / "iter_xtuner")  # what chat and mmbench load
+    assert folder.visual_select_layer == layer
+    overridden = load_xtuner_llava(tmp_path / "iter_xtuner", visual_select_layer=-2)  # an explicit --visual-select-layer
+    assert overridden.visual_select_layer == -2
+    llava = _llava_as_llava_builds_it(tmp_path / "iter_llava")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = model(x, pixel_values=pixels).logits
+        assert torch.equal(folder(x, pixel_values=pixels).logits, ref)
+        assert torch.equal(llava(x, pixel_values=pixels).logits, ref)
+        # the select layer matters: xtuner's default layer would give other logits
+        assert not torch.allclose(overridden(x, pixel_values=pixels).logits, ref)
+
+
+def test_layer_minus3_through_stock_transformers(tiny, tokenizer, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model, state = _recipe_model(tiny, depth=2, layer=-3, seed=2)
+    torch.save({"state_dict": state}, tmp_path / "iter_2.pth")
+    pth_to_hf(tmp_path / "iter_2.pth", tmp_path / "iter_xtuner", str(tiny["llm"]), str(tiny["vit"]), dtype="fp32",
+              visual_select_layer=-3)
+    phi_to_llama(tmp_path / "iter_xtuner", tmp_path / "iter_xtuner_llama_llm")
+    to_hf(tmp_path / "iter_xtuner_llama_llm", tmp_path / "iter_xtuner" / "visual_encoder",
+          tmp_path / "iter_xtuner" / "projector" / "model.safetensors", tmp_path / "iter_hf", dtype="fp32")
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "iter_hf").eval()
+    assert hf.config.vision_feature_layer == -3
+    _, _, ids, pixels = _inputs(tokenizer, tiny)
+    hf_ids = []
+    for i in ids:
+        hf_ids += [hf.config.image_token_index] * hf.config.image_seq_length if i == IMAGE_TOKEN_INDEX else [i]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), pixel_values=pixels).logits
+        got = hf(input_ids=torch.tensor([hf_ids]), pixel_values=pixels).logits
+    torch.testing.assert_close(got[..., : ref.shape[-1]], ref, rtol=1e-5, atol=1e-5)

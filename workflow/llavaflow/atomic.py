@@ -2,15 +2,24 @@
 
 Every writer of a finished artefact (converted folders, published training checkpoints, data-check
 reports) goes through `atomic_output`, so a killed job never leaves a half-written output that a rerun
-would take for done.
+would take for done, and never replaces data it did not create unless told to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 from pathlib import Path
+
+TMP_NAME = ".{name}.tmp-{pid}"
+_TMP_RE = r"^\.{name}\.tmp-(\d+)$"
+
+
+class OutputError(ValueError):
+    """An output location that would destroy data we did not create."""
 
 
 def _remove(path: Path) -> None:
@@ -20,22 +29,77 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_output(out: str | Path, *, folder: bool = True):
-    """Yield a temporary sibling of `out` (a new folder, or a file path to write); it is renamed to `out`
-    when the block completes and removed when it raises."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID` siblings of `out` that a killed run of ours left: exactly our naming, and
+    only when that PID is no longer running (nothing else is touched)."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    pattern = re.compile(_TMP_RE.format(name=re.escape(out.name)))
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*") if out.parent.is_dir() else []:
+        m = pattern.match(p.name)
+        if m and not p.is_symlink() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def check_output(out: Path, inputs=(), overwrite: bool = False) -> None:
+    """Refuse, before anything is written, an output that would destroy data we did not create: an
+    existing non-empty folder or a file (unless `overwrite`), and always one that is or holds an input."""
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        inp = Path(given).resolve()
+        if inp == target or target in inp.parents:
+            raise OutputError(f"{out}: the output is or contains the input {given}; "
+                              "choose another output (replacing it would delete the input)")
+    if overwrite:
+        return
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path, *, folder: bool = True, inputs=(), overwrite: bool = False):
+    """Yield a temporary sibling of `out` (a new folder, or a file path to write); it is renamed to `out`
+    when the block completes and removed when it raises.
+
+    Checked first (check_output): an `out` that is or holds an input is refused; an existing `out` is
+    replaced only with `overwrite`. Temporaries of killed earlier runs are removed.
+    """
+    out = Path(out)
+    check_output(out, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = out.with_name(TMP_NAME.format(name=out.name, pid=os.getpid()))
     if folder:
-        tmp.mkdir(parents=True)
-    else:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
-    if out.is_dir() and not out.is_symlink():  # os.replace cannot replace a non-empty folder
-        shutil.rmtree(out)
+    check_output(out, inputs, overwrite)  # something may have appeared there meanwhile
+    if out.is_dir() and not out.is_symlink():
+        # os.replace cannot replace a non-empty folder. Should we die between the two renames, the old
+        # folder stays as .NAME.old-PID (never removed automatically: it may hold the user's data).
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+        return
     os.replace(tmp, out)

@@ -36,11 +36,12 @@ def fetch_image(source: str):
 
 
 class XtunerBackend:
-    def __init__(self, folder: str, dtype, device, visual_encoder=None):
+    def __init__(self, folder: str, dtype, device, visual_encoder=None, visual_select_layer=None):
         from .model.loading import load_xtuner_for_inference
 
+        # The select layer is the folder's own (projector/config.json) unless explicitly overridden.
         self.model, self.tokenizer, self.transform = load_xtuner_for_inference(folder, dtype, visual_encoder,
-                                                                               device=device)
+                                                                               visual_select_layer, device=device)
 
     def pixels(self, image):
         return self.transform(image)[None]
@@ -74,10 +75,13 @@ class HFBackend:
         return out[0, x.shape[1]:].tolist()
 
 
-def load_backend(folder: str, dtype, device, visual_encoder=None):
+def load_backend(folder: str, dtype, device, visual_encoder=None, visual_select_layer=None):
     folder_path = Path(folder)
     if (folder_path / "projector").is_dir():
-        return XtunerBackend(folder, dtype, device, visual_encoder)
+        return XtunerBackend(folder, dtype, device, visual_encoder, visual_select_layer)
+    if visual_select_layer is not None:
+        raise SystemExit(f"{folder}: --visual-select-layer applies to xtuner-style folders only (an HF export "
+                         "records it as vision_feature_layer in config.json)")
     if (folder_path / "config.json").exists() and '"llava"' in (folder_path / "config.json").read_text():
         return HFBackend(folder, dtype, device)
     raise SystemExit(f"{folder}: neither an xtuner-style folder (with projector/) nor an HF LLaVA export")

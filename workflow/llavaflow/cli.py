@@ -72,30 +72,36 @@ def cmd_pth_to_hf(args) -> None:
     from .config import load_config
     from .convert.pth_to_hf import pth_to_hf
 
-    model = load_config(args.config, Path(__file__).resolve().parents[2] / "config" / "schema.yaml")["model"] \
+    config = load_config(args.config, Path(__file__).resolve().parents[2] / "config" / "schema.yaml") \
         if args.config else {}
+    model = config.get("model", {})
     llm, vit = args.llm or model.get("llm"), args.visual_encoder or model.get("visual_encoder")
     if not llm or not vit:
         raise SystemExit("pth_to_hf: give CONFIG or both --llm and --visual-encoder (the base models trained from)")
+    # An explicit flag wins, then the config's value; without either, the library's default applies.
+    dtype = "fp32" if args.fp32 else args.dtype or config.get("convert", {}).get("dtype", "bf16")
+    layer = args.visual_select_layer if args.visual_select_layer is not None else model.get("visual_select_layer")
     recipe = json.loads(args.recipe) if args.recipe else None
-    pth_to_hf(args.pth_model, args.save_dir, llm, vit, "fp32" if args.fp32 else args.dtype, args.max_shard_size, recipe)
+    pth_to_hf(args.pth_model, args.save_dir, llm, vit, dtype, args.max_shard_size, recipe,
+              visual_select_layer=layer, projector_depth=model.get("projector_depth"), overwrite=args.overwrite)
 
 
 def cmd_phi_to_llama(args) -> None:
     from .convert.phi3_llama import phi_to_llama
 
-    phi_to_llama(args.phi_path, args.save_path, args.max_shard_size)
+    phi_to_llama(args.phi_path, args.save_path, args.max_shard_size, overwrite=args.overwrite)
 
 
 def cmd_export(args) -> None:
     from .convert.exports import to_hf, to_llava
 
     common = (args.text_model_id, args.vision_model_id, args.projector_weight, args.save_path)
+    kw = {"visual_select_layer": args.visual_select_layer, "overwrite": args.overwrite}
     if args.format == "to_hf":
-        to_hf(*common, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        to_hf(*common, dtype=args.dtype, max_shard_size=args.max_shard_size, **kw)
     else:
         tower = args.mm_vision_tower or str(Path(args.vision_model_id).resolve())
-        to_llava(*common, mm_vision_tower=tower, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        to_llava(*common, mm_vision_tower=tower, dtype=args.dtype, max_shard_size=args.max_shard_size, **kw)
 
 
 def _add_convert(sub) -> None:
@@ -107,15 +113,21 @@ def _add_convert(sub) -> None:
     p.add_argument("save_dir")
     p.add_argument("--llm", type=_model_ref, help="base LLM (hub id or folder); overrides CONFIG")
     p.add_argument("--visual-encoder", type=_model_ref, help="base CLIP vision model; overrides CONFIG")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="LLM dtype (ViT and projector stay fp32)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="LLM dtype (ViT and projector stay fp32); default: CONFIG's convert.dtype, else bf16")
     p.add_argument("--fp32", action="store_true", help="same as --dtype fp32 (xtuner's flag)")
+    p.add_argument("--visual-select-layer", type=int,
+                   help="ViT layer the projector was trained on, recorded in projector/config.json "
+                        "(default: CONFIG's model.visual_select_layer, else xtuner's -2)")
     p.add_argument("--max-shard-size", type=_size, default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty SAVE_DIR")
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pth_to_hf)
     p = conv.add_parser("phi_to_llama", help="Phi-3 LLM folder -> Llama (exact below the 2047-token window)")
     p.add_argument("--phi_path", required=True, type=_folder)
     p.add_argument("--save_path", required=True)
     p.add_argument("--max-shard-size", type=_size, default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_path")
     p.set_defaults(func=cmd_phi_to_llama)
     for fmt, what in (("to_llava", "official LLaVA format"), ("to_hf", "HF LlavaForConditionalGeneration format")):
         p = conv.add_parser(fmt, help=f"xtuner folder (Llama LLM) -> {what}")
@@ -125,6 +137,9 @@ def _add_convert(sub) -> None:
         p.add_argument("--save_path", required=True)
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
         p.add_argument("--max-shard-size", type=_size, default="2GB" if fmt == "to_llava" else "5GB")
+        p.add_argument("--visual_select_layer", type=int,
+                       help="override the select layer recorded in the projector's config.json")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_path")
         if fmt == "to_llava":
             p.add_argument("--mm_vision_tower", help="hub id or folder LLaVA builds the tower from (default: vision_model_id)")
         p.set_defaults(func=cmd_export, format=fmt)
@@ -144,13 +159,15 @@ def cmd_mmbench(args) -> None:
     from .model.loading import load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
+    layer = args.visual_select_layer  # None: the layer the folder's projector/config.json records
     _, _, device = init_distributed()
     device = str(device)
     model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
-                                                            args.visual_encoder, args.visual_select_layer, device)
+                                                            args.visual_encoder, layer, device)
+    # An overridden layer is another model: its predictions must not be reused from the cache.
+    model_id = folder_fingerprint(folder) + ("" if layer is None else f":select_layer={layer}")
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
-             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path,
-             model_id=folder_fingerprint(folder))
+             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id)
 
 
 def cmd_chat(args) -> int:
@@ -163,7 +180,7 @@ def cmd_chat(args) -> int:
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = load_backend(args.llava or args.model_name_or_path, _dtype(args.torch_dtype, device), device,
-                           args.visual_encoder)
+                           args.visual_encoder, args.visual_select_layer)
     template = get_template(args.prompt_template)
     if args.stop_words:
         from dataclasses import replace
@@ -192,6 +209,8 @@ def _add_chat(sub) -> None:
                    help="results/iter_xtuner (xtuner-style) or results/iter_hf (HF export)")
     c.add_argument("--llava", type=_folder, help="the LLaVA folder, if not the positional one")
     c.add_argument("--visual-encoder", type=_model_ref, help="only for xtuner folders without visual_encoder/")
+    c.add_argument("--visual-select-layer", type=int,
+                   help="override the ViT layer recorded in projector/config.json (xtuner folders without it: -2)")
     c.add_argument("--prompt-template", default="phi3_chat")
     c.add_argument("--image", help="a path or an http(s) URL")
     c.add_argument("--system", help="system prompt (none by default, as in training)")
@@ -259,7 +278,8 @@ def _add_mmbench(sub) -> None:
     m.add_argument("model_name_or_path", type=_folder, help="the xtuner-style folder (results/iter_xtuner)")
     m.add_argument("--llava", type=_folder, help="the xtuner-style LLaVA folder, if not the positional one")
     m.add_argument("--visual-encoder", type=_model_ref, help="only for folders without visual_encoder/")
-    m.add_argument("--visual-select-layer", type=int, default=-2)
+    m.add_argument("--visual-select-layer", type=int,
+                   help="override the ViT layer recorded in projector/config.json (xtuner folders without it: -2)")
     m.add_argument("--prompt-template", default="phi3_chat")
     m.add_argument("--data-path", required=True, type=_existing_file, help="the benchmark TSV")
     m.add_argument("--work-dir", required=True)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
-import torch
 from safetensors import safe_open
 
-from ..atomic import atomic_output
-from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors,
-                 read_json, write_json)
-from .tables import XTUNER_TO_HF, XTUNER_TO_LLAVA, clip_legacy, rename
+from ..atomic import atomic_output, check_output
+from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files,
+                 iter_tensors, read_json, write_json)
+from .tables import UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,40 @@ def _check_llama(text_model: Path) -> dict:
     return cfg
 
 
+# LlavaModel's select feature -> HF vision_feature_select_strategy (LLaVA's mm_vision_select_feature is the same word).
+HF_SELECT_STRATEGY = {"patch": "default"}
+
+
+def _projector_facts(projector_weight, vision_cfg, text_cfg: dict, visual_select_layer: int | None):
+    """The projector's shape facts from projector/config.json next to its weights (the model's own record),
+    checked against its weights and against the ViT and LLM, before anything is written."""
+    from ..model.loading import FolderError, check_fit, read_projector_config
+
+    projector_weight = Path(projector_weight)
+    try:
+        proj = read_projector_config(projector_weight.parent)
+    except FolderError as e:
+        raise ConversionError(f"{e} (the projector's depth, activation and select layer are read from the "
+                              f"config.json next to {projector_weight.name})") from None
+    if visual_select_layer is not None:
+        proj.visual_select_layer = visual_select_layer
+    try:
+        with safe_open(str(projector_weight), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ConversionError(f"{projector_weight}: cannot read projector weights ({e})") from e
+    if shapes.get("model.0.weight") != (proj.llm_hidden_size, proj.visual_hidden_size):
+        raise ConversionError(f"{projector_weight}: model.0.weight is {shapes.get('model.0.weight')}, its config.json "
+                              f"says ({proj.llm_hidden_size}, {proj.visual_hidden_size})")
+    if f"model.{2 * (proj.depth - 1)}.weight" not in shapes or f"model.{2 * proj.depth}.weight" in shapes:
+        raise ConversionError(f"{projector_weight}: the weights do not have the {proj.depth} Linear layers its config.json says")
+    try:
+        check_fit(proj, vision_cfg, SimpleNamespace(hidden_size=text_cfg["hidden_size"]), projector_weight.parent)
+    except FolderError as e:
+        raise ConversionError(str(e)) from None
+    return proj
+
+
 def _write_weights(out: Path, table: dict, text_model, vision_model, projector_weight, dtype, shard_bytes) -> None:
     writer = ShardWriter(out, shard_bytes)
     for part, name, tensor in _sources(Path(text_model), Path(vision_model), Path(projector_weight)):
@@ -75,13 +109,23 @@ def _legacy_text_config(cfg: dict, dtype: str) -> dict:
 
 
 def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: str = "bf16",
-          max_shard_size: int = 5 * 1024**3) -> None:
-    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x."""
+          max_shard_size: int = 5 * 1024**3, *, visual_select_layer: int | None = None, overwrite: bool = False) -> None:
+    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x (formats.md §2).
+
+    Projector activation, select layer and strategy come from projector/config.json (`visual_select_layer`
+    overrides). Only a 2-layer projector has an HF form; other depths are refused before anything is written.
+    """
     from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
 
     text_model, vision_model = Path(text_model_id), Path(vision_model_id)
     text_cfg = _check_llama(text_model)
     vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
+    proj = _projector_facts(projector_weight, vision_cfg, text_cfg, visual_select_layer)
+    try:
+        table = xtuner_to_hf(proj.depth)
+    except UnsupportedProjector as e:
+        raise ConversionError(f"{projector_weight}: {e}; export it with to_llava instead") from None
+    check_output(Path(save_path), [text_model, vision_model, projector_weight], overwrite)
     clip_proc = CLIPImageProcessor.from_pretrained(vision_model)
     tok = AutoTokenizer.from_pretrained(text_model)
     tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
@@ -96,8 +140,10 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
     config = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": image_id, "pad_token_id": pad_id, "image_seq_length": patches,
-        "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default", "vision_feature_layer": -2,
-        "multimodal_projector_bias": True, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+        "projector_hidden_act": proj.hidden_act,
+        "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
+        "vision_feature_layer": proj.visual_select_layer, "multimodal_projector_bias": proj.bias,
+        "tie_word_embeddings": False, "torch_dtype": torch_dtype,
         "text_config": _legacy_text_config(text_cfg, torch_dtype), "vision_config": vision,
     }
     size = clip_proc.crop_size["height"]
@@ -108,8 +154,8 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip_proc.image_mean),
         "image_std": list(clip_proc.image_std), "do_convert_rgb": True,
     }
-    with atomic_output(Path(save_path)) as tmp:
-        _write_weights(tmp, XTUNER_TO_HF, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
+    with atomic_output(Path(save_path), inputs=[text_model, vision_model, projector_weight], overwrite=overwrite) as tmp:
+        _write_weights(tmp, table, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
         tok.chat_template = PHI3_CHAT_TEMPLATE
         tok.save_pretrained(tmp)
@@ -121,15 +167,21 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         write_json(tmp / "chat_template.json", {"chat_template": PHI3_CHAT_TEMPLATE})
         write_json(tmp / "processor_config.json", {
             "image_token": "<image>", "patch_size": vision_cfg.patch_size, "num_additional_image_tokens": 1,
-            "vision_feature_select_strategy": "default", "processor_class": "LlavaProcessor"})
+            "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
+            "processor_class": "LlavaProcessor"})
         write_json(tmp / "preprocessor_config.json", preprocessor)
         write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": pad_id})
 
 
 def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vision_tower: str,
-             dtype: str = "bf16", model_max_length: int = 2047, max_shard_size: int = 2 * 1024**3) -> None:
-    """Official LLaVA folder (LlavaLlamaForCausalLM, as llava-torch's builder loads it). The folder name must contain 'llava'."""
+             dtype: str = "bf16", model_max_length: int = 2047, max_shard_size: int = 2 * 1024**3, *,
+             visual_select_layer: int | None = None, overwrite: bool = False) -> None:
+    """Official LLaVA folder (LlavaLlamaForCausalLM, formats.md §3). The folder name must contain 'llava'.
+
+    mm_projector_type (linear / mlp{N}x_gelu), mm_vision_select_layer and mm_vision_select_feature come
+    from projector/config.json (`visual_select_layer` overrides).
+    """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
 
     save_path = Path(save_path)
@@ -141,20 +193,27 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
     if not (text_model / "tokenizer.model").exists():
         raise ConversionError(f"{text_model}: no tokenizer.model; LLaVA's slow tokenizer needs it")
     vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
+    proj = _projector_facts(projector_weight, vision_cfg, text_cfg, visual_select_layer)
+    try:
+        projector_type = llava_mm_projector_type(proj.depth, proj.hidden_act, proj.bias)
+    except UnsupportedProjector as e:
+        raise ConversionError(f"{projector_weight}: {e}") from None
+    check_output(save_path, [text_model, vision_model, projector_weight], overwrite)
     torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     config = _legacy_text_config(text_cfg, torch_dtype)
     config.update({
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
         "mm_vision_tower": mm_vision_tower, "mm_hidden_size": vision_cfg.hidden_size,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_projector_type": projector_type, "mm_vision_select_layer": proj.visual_select_layer,
+        "mm_vision_select_feature": proj.visual_select_feature,
         "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False, "use_mm_proj": True, "tune_mm_mlp_adapter": False,
         "freeze_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": model_max_length, "mm_projector_lr": None, "use_cache": True,
     })
     tok = AutoTokenizer.from_pretrained(text_model)
-    with atomic_output(save_path) as tmp:
-        _write_weights(tmp, XTUNER_TO_LLAVA, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
+    with atomic_output(save_path, inputs=[text_model, vision_model, projector_weight], overwrite=overwrite) as tmp:
+        _write_weights(tmp, xtuner_to_llava(proj.depth), text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
         copy_files(text_model, tmp, TOKENIZER_FILES)
         CLIPImageProcessor.from_pretrained(vision_model).save_pretrained(tmp)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..atomic import atomic_output
-from .io import TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors, read_json, write_json
+from ..atomic import atomic_output, check_output
+from .io import (TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors,
+                 read_json, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,17 @@ def split_tensor(name: str, tensor, cfg: dict) -> list[tuple[str, object]]:
     return [(name, tensor)]
 
 
-def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: int = 2 * 1024**3) -> None:
+def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: int = 2 * 1024**3, *,
+                 overwrite: bool = False) -> None:
+    """The Llama copy of the Phi-3 LLM in phi_path (an xtuner folder's root). save_path may not be or hold phi_path."""
     phi_path = Path(phi_path)
+    check_output(Path(save_path), [phi_path], overwrite)
     cfg = read_json(phi_path / "config.json")
     check_phi3(cfg, phi_path / "config.json")
     window = cfg.get("sliding_window")
     if window:
         log.warning(SLIDING_WINDOW_CAVEAT.format(w=window))
-    with atomic_output(Path(save_path)) as tmp:
+    with atomic_output(Path(save_path), inputs=[phi_path], overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for name, tensor in iter_tensors(phi_path):
             for new_name, new_tensor in split_tensor(name, tensor, cfg):

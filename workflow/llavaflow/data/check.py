@@ -40,7 +40,7 @@ def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "er
         counts[src["annotation"]] = {"samples": len(records), "with_image": len(with_image), "bad_images": len(bad),
                                      "malformed": malformed}
         log.info("%s: %d samples, %d with an image, %d bad images", src["annotation"], len(records), len(with_image), len(bad))
-    with atomic_output(report, folder=False) as tmp:
+    with atomic_output(report, folder=False, overwrite=True) as tmp:
         tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
     if rows and on_bad_sample != "skip":
         raise DataError(f"{len(rows)} referenced images are missing or unreadable, e.g. {rows[0].split(chr(9))[3]} "

@@ -9,8 +9,10 @@ from .llava import LlavaModel
 from .modeling_projector import ProjectorModel
 
 
-def new_projector(visual_hidden: int, llm_hidden: int, depth: int) -> ProjectorModel:
-    return ProjectorModel(ProjectorConfig(visual_hidden_size=visual_hidden, llm_hidden_size=llm_hidden, depth=depth))
+def new_projector(visual_hidden: int, llm_hidden: int, depth: int, visual_select_layer: int = -2) -> ProjectorModel:
+    """The projector; its config also records the vision layer it reads (saved with it in projector/)."""
+    return ProjectorModel(ProjectorConfig(visual_hidden_size=visual_hidden, llm_hidden_size=llm_hidden, depth=depth,
+                                          visual_select_layer=visual_select_layer))
 
 
 def build_llava(llm_path: str, vision_path: str, projector_depth: int = 2, visual_select_layer: int = -2,
@@ -21,5 +23,5 @@ def build_llava(llm_path: str, vision_path: str, projector_depth: int = 2, visua
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, **kwargs)
     vit = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
-    projector = new_projector(vit.config.hidden_size, llm.config.hidden_size, projector_depth).to(dtype)
+    projector = new_projector(vit.config.hidden_size, llm.config.hidden_size, projector_depth, visual_select_layer).to(dtype)
     return LlavaModel(llm, vit, projector, visual_select_layer)

@@ -1,5 +1,11 @@
 # Self-contained on purpose: pth_to_hf copies this file into projector/ so that the folder loads with
 # AutoModel.from_pretrained with remote code allowed, as xtuner's does. Import nothing from llavaflow.
+#
+# xtuner's keys (visual_hidden_size, llm_hidden_size, depth, hidden_act, bias) are kept as they are, so
+# xtuner's own code reads our folders; the two more describe where the projector's input comes from,
+# so every export, chat and evaluation read them from the model instead of assuming xtuner's defaults:
+#   visual_select_layer:   hidden_states index of the vision tower (xtuner's LLaVAModel argument)
+#   visual_select_feature: "patch" (CLS dropped, as xtuner and LLaVA-1.5) -- LLaVA's mm_vision_select_feature
 from transformers import PretrainedConfig
 
 
@@ -14,6 +20,8 @@ class ProjectorConfig(PretrainedConfig):
         depth=2,
         hidden_act="gelu",
         bias=True,
+        visual_select_layer=-2,
+        visual_select_feature="patch",
         **kwargs,
     ):
         self.visual_hidden_size = visual_hidden_size
@@ -21,4 +29,6 @@ class ProjectorConfig(PretrainedConfig):
         self.depth = depth
         self.hidden_act = hidden_act
         self.bias = bias
+        self.visual_select_layer = visual_select_layer
+        self.visual_select_feature = visual_select_feature
         super().__init__(**kwargs)

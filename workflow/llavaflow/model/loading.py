@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,21 +14,46 @@ from .llava import LlavaModel
 from .modeling_projector import ProjectorModel
 
 
+log = logging.getLogger(__name__)
+
+
 class FolderError(ValueError):
     pass
 
 
-def load_projector(folder: str | Path, dtype: torch.dtype = torch.float32) -> ProjectorModel:
-    """An xtuner projector/ folder, read as data: its configuration_/modeling_projector.py are not run."""
+SELECT_FEATURES = ("patch",)  # LlavaModel.encode_images drops CLS, as xtuner and LLaVA-1.5 do
+
+
+def read_projector_config(folder: str | Path) -> ProjectorConfig:
+    """projector/config.json as data (its configuration_projector.py is not run), with the shape facts
+    checked. A folder written by xtuner records no select layer: xtuner's default (-2) applies."""
     folder = Path(folder)
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         raise FolderError(f"{folder}: no config.json; not a projector folder") from None
+    except json.JSONDecodeError as e:
+        raise FolderError(f"{folder}/config.json: not valid JSON ({e})") from None
     if cfg.get("model_type") != "projector":
         raise FolderError(f"{folder}/config.json: model_type is {cfg.get('model_type')!r}, expected 'projector'")
-    fields = ("visual_hidden_size", "llm_hidden_size", "depth", "hidden_act", "bias")
-    model = ProjectorModel(ProjectorConfig(**{k: cfg[k] for k in fields if k in cfg}))
+    fields = ("visual_hidden_size", "llm_hidden_size", "depth", "hidden_act", "bias", "visual_select_layer",
+              "visual_select_feature")
+    config = ProjectorConfig(**{k: cfg[k] for k in fields if k in cfg})
+    if "visual_select_layer" not in cfg:
+        log.info("%s/config.json records no visual_select_layer (an xtuner folder): using xtuner's default %d",
+                 folder, config.visual_select_layer)
+    if config.visual_select_feature not in SELECT_FEATURES:
+        raise FolderError(f"{folder}/config.json: visual_select_feature {config.visual_select_feature!r} is not "
+                          f"supported (only {list(SELECT_FEATURES)})")
+    if not isinstance(config.visual_select_layer, int) or isinstance(config.visual_select_layer, bool):
+        raise FolderError(f"{folder}/config.json: visual_select_layer must be an integer, got {config.visual_select_layer!r}")
+    return config
+
+
+def load_projector(folder: str | Path, dtype: torch.dtype = torch.float32) -> ProjectorModel:
+    """An xtuner projector/ folder, read as data: its configuration_/modeling_projector.py are not run."""
+    folder = Path(folder)
+    model = ProjectorModel(read_projector_config(folder))
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise FolderError(f"{folder}: no model.safetensors")
@@ -35,10 +61,26 @@ def load_projector(folder: str | Path, dtype: torch.dtype = torch.float32) -> Pr
     return model.to(dtype)
 
 
+def check_fit(projector: ProjectorConfig, vit_config, llm_config, where) -> None:
+    if projector.visual_hidden_size != vit_config.hidden_size:
+        raise FolderError(f"{where}: projector takes {projector.visual_hidden_size} features, the visual encoder "
+                          f"gives {vit_config.hidden_size}")
+    if projector.llm_hidden_size != llm_config.hidden_size:
+        raise FolderError(f"{where}: projector gives {projector.llm_hidden_size} features, the LLM's hidden size "
+                          f"is {llm_config.hidden_size}")
+    n = vit_config.num_hidden_layers
+    if not -(n + 1) <= projector.visual_select_layer <= n:
+        raise FolderError(f"{where}: visual_select_layer {projector.visual_select_layer} is outside the visual "
+                          f"encoder's {n + 1} hidden states")
+
+
 def load_xtuner_llava(folder: str | Path, dtype: torch.dtype = torch.float32, visual_encoder: str | None = None,
-                      visual_select_layer: int = -2, device: str | torch.device = "cpu") -> LlavaModel:
-    """The xtuner-style folder: LLM at the root, visual_encoder/ (or --visual-encoder), projector/."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+                      visual_select_layer: int | None = None, device: str | torch.device = "cpu") -> LlavaModel:
+    """The xtuner-style folder: LLM at the root, visual_encoder/ (or --visual-encoder), projector/.
+
+    The select layer is the one projector/config.json records; `visual_select_layer` overrides it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
     folder = Path(folder)
     if not (folder / "projector").is_dir():
@@ -51,16 +93,20 @@ def load_xtuner_llava(folder: str | Path, dtype: torch.dtype = torch.float32, vi
         raise FolderError(f"{folder} has no visual_encoder/; pass the visual encoder it was trained with")
     else:
         vit_path = visual_encoder
+    projector_config = read_projector_config(folder / "projector")
+    if visual_select_layer is not None:
+        projector_config.visual_select_layer = visual_select_layer
+    check_fit(projector_config, CLIPVisionConfig.from_pretrained(vit_path), AutoConfig.from_pretrained(folder), folder)
     llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     vit = CLIPVisionModel.from_pretrained(vit_path, dtype=dtype)
     projector = load_projector(folder / "projector", dtype)
-    model = LlavaModel(llm, vit, projector, visual_select_layer).to(device)
+    model = LlavaModel(llm, vit, projector, projector_config.visual_select_layer).to(device)
     model.requires_grad_(False)
     return model.eval()
 
 
 def load_xtuner_for_inference(folder: str | Path, dtype: torch.dtype = torch.float32, visual_encoder: str | None = None,
-                              visual_select_layer: int = -2, device: str | torch.device = "cpu"):
+                              visual_select_layer: int | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer, image transform) of an xtuner-style folder, preprocessing as in training (padded)."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 

@@ -68,7 +68,7 @@ class WorkDirLock:
 
 def publish(checkpoint: Path, output: Path, extra_files: list[Path] = ()) -> None:
     """Hard-link (or copy) a finished checkpoint to `output`, atomically."""
-    with atomic_output(output) as tmp:
+    with atomic_output(output, overwrite=True) as tmp:
         for f in list(checkpoint.iterdir()) + list(extra_files):
             if f.name == "complete":
                 continue
