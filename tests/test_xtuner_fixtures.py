@@ -16,7 +16,7 @@ from llavaflow.convert.exports import to_hf
 from llavaflow.convert.io import iter_tensors
 from llavaflow.convert.phi3_llama import phi_to_llama
 from llavaflow.convert.pth_to_hf import pth_to_hf
-from llavaflow.model.checkpoint import MODEL_STATES, CheckpointError, load_state_dict
+from llavaflow.model.checkpoint_reader import MODEL_STATES, CheckpointError, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "xtuner-0.2.0"
