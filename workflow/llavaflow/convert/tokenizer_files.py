@@ -4,11 +4,12 @@ Exports never re-derive a tokenizer through AutoTokenizer + save_pretrained: tra
 Llama-class tokenizer's normalizer and pre-tokenizer from its own defaults (Phi-3's
 `Prepend("▁") + Replace(" ", "▁")` normalizer becomes `Metaspace(prepend_scheme="first")`), which drops
 the "▁" piece that training puts after every added token (`<|user|>`, `<|end|>`, the image). So
-`tokenizer.json` keeps every byte of the base's model, normalizer and merges; `<image>`/`<pad>` are
-appended to its added tokens; and `tokenizer_class` becomes `PreTrainedTokenizerFast`, the class that
-transformers 4.x and 5.x (as `TokenizersBackend`) both build from `tokenizer.json` as written - also for
-a folder whose config says `llama`, where `LlamaTokenizer` would rebuild it, and for LLaVA's loader,
-whose `use_fast=False` keeps a class that names itself fast.
+`tokenizer.json` keeps the base's model, normalizer and merges (merges re-spelt, not changed, in the
+form old readers parse); `<image>`/`<pad>` are appended to its added tokens; and `tokenizer_class`
+becomes `PreTrainedTokenizerFast`, the class that transformers 4.x and 5.x (as `TokenizersBackend`)
+both build from `tokenizer.json` as written - also for a folder whose config says `llama`, where
+`LlamaTokenizer` would rebuild it, and for LLaVA's loader, whose `use_fast=False` keeps a class that
+names itself fast.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ def _added(content: str, token_id: int) -> dict:
 
 def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _merges_as_strings(model: dict) -> bool:
+    """BPE merges as "a b" strings (Phi-3's own file has them so), where no piece holds a space.
+
+    tokenizers >= 0.20 writes [a, b] pairs, which the tokenizers 0.15 that LLaVA's transformers 4.37.2
+    pins cannot parse; both forms load to the same merges. Returns whether anything changed.
+    """
+    merges = model.get("merges") or []
+    if not merges or isinstance(merges[0], str) or any(" " in piece for pair in merges for piece in pair):
+        return False
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return True
 
 
 def copy_tokenizer(src: Path, dst: Path, *, add_special: tuple[str, ...] = (), pad_token: str | None = None,
@@ -53,9 +67,9 @@ def copy_tokenizer(src: Path, dst: Path, *, add_special: tuple[str, ...] = (), p
         ids[token] = next_id
         data["added_tokens"].append(_added(token, next_id))
         next_id += 1
-    if new:
+    if new or _merges_as_strings(data["model"]):
         _write(dst / "tokenizer.json", data)
-    else:  # nothing to add: the very bytes of the base
+    else:  # nothing to change: the very bytes of the base
         shutil.copy2(src / "tokenizer.json", dst / "tokenizer.json")
 
     config = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").exists() else {}
