@@ -64,7 +64,9 @@ llava_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX)
 tensors = {"logits": logits.contiguous(), "llava_pixels": llava_pixels.contiguous()}
 for prefix, m in (("loader_tower.", model), ("fp32_tower.", fp32)):
     tower = m.get_model().get_vision_tower().vision_tower
-    tensors |= {prefix + k: v.contiguous() for k, v in tower.state_dict().items()}
+    tensors |= {prefix + k: v.clone().contiguous() for k, v in tower.state_dict().items()}
+with torch.no_grad():  # the loader's own (fp16-loaded) model, run in fp32
+    tensors["loader_logits"] = model.float()(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels).logits
 save_file(tensors, out_path)
 print(json.dumps({
     "model_name": name, "tokenizer_class": type(tokenizer).__name__, "len_tokenizer": len(tokenizer),
