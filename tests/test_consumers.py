@@ -10,6 +10,7 @@ transformers 5.x here and against training's own token ids.
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,41 @@ def test_iter_hf_with_transformers_4x_processor(version, converted, reference):
     assert torch.equal(out["pixel_values"], reference["pixels"])
     torch.testing.assert_close(out["logits"], reference["logits"], rtol=0, atol=1e-5)
     assert got["generated"] == reference["generated"]
+
+
+XTUNER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "xtuner-0.2.0"
+
+
+@pytest.mark.skipif(not XTUNER.is_dir(), reason="xtuner fixtures not found next to the repository")
+def test_official_llava_reads_our_export_of_xtuners_own_model(llava_python, tmp_path):
+    """xtuner 0.2.0's own fine-tuned folder (its tokenizer.json re-saved with [a, b] merges, no
+    tokenizer.model) through our to_llava and to_hf: LLaVA's loader reads it cleanly and agrees with 5.x."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, CLIPImageProcessor
+    from PIL import Image
+
+    from llavaflow.convert.exports import to_hf, to_llava
+
+    conv = XTUNER / "converted"
+    args = (conv / "iter_4_xtuner_llama_llm", conv / "iter_4_xtuner" / "visual_encoder",
+            conv / "iter_4_xtuner" / "projector" / "model.safetensors")
+    to_llava(*args, tmp_path / "iter_llava", mm_vision_tower=str(args[1]), dtype="fp32")
+    to_hf(*args, tmp_path / "iter_hf", dtype="fp32")
+    prompt = PHI3_CHAT.format_instruction("<image>\nDescribe the image briefly.")
+    ids = encode_prompt(AutoTokenizer.from_pretrained(conv / "iter_4_xtuner"), prompt, with_bos=True)  # training's
+    image = Image.open(XTUNER / "data" / "x.png")
+    pixels = ImageTransform(CLIPImageProcessor.from_pretrained(args[1]), pad_to_square=True)(image)[None]
+    save_file({"input_ids": torch.tensor([ids]), "pixel_values": pixels}, tmp_path / "inputs.safetensors")
+    got = run_consumer(llava_python, "llava_official.py", tmp_path / "iter_llava", tmp_path / "inputs.safetensors",
+                       prompt, XTUNER / "data" / "x.png", tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert got["missing"] == got["unexpected"] == got["load_warnings"] == []  # base tower in legacy names too
+    assert got["llava_ids"] == ids and torch.equal(out["llava_pixels"], pixels)
+    tower = load_file(args[1] / "model.safetensors")
+    assert all(torch.equal(out["fp32_tower." + k], v.float()) for k, v in tower.items())
+
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "iter_hf", dtype=torch.float32).eval()
+    expanded = [t for i in ids for t in ([hf.config.image_token_index] * hf.config.image_seq_length
+                                         if i == IMAGE_TOKEN_INDEX else [i])]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([expanded]), pixel_values=pixels).logits
+    torch.testing.assert_close(out["logits"], ref[..., : out["logits"].shape[-1]], rtol=0, atol=1e-5)
