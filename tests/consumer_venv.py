@@ -45,6 +45,8 @@ def consumer_venv(name: str, requirements: list[str], no_deps: list[str] = ()) -
     with FileLock(str(CACHE / f".{name}-{digest}.lock")):
         if python.exists():  # another process built it while we waited
             return python
+        for stale in CACHE.glob(f".{name}-{digest}-*"):  # ours, left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{digest}-", dir=CACHE))
         try:
             start = time.monotonic()
