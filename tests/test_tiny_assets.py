@@ -17,21 +17,41 @@ from conftest import TINY_DATASETS
 
 
 def test_tokenizer_has_phi3_layout(tiny, tokenizer):
-    assert (tiny["llm"] / "tokenizer.model").is_file()
+    """tokenizer.json laid out as microsoft/Phi-3-mini-4k-instruct's, and the SentencePiece model beside it."""
     import sentencepiece as spm
+    from tokenizers import Tokenizer
 
-    base = spm.SentencePieceProcessor(model_file=str(tiny["llm"] / "tokenizer.model")).get_piece_size()
+    layout = json.loads((tiny["llm"] / "tokenizer.json").read_text())
+    assert layout["normalizer"] == {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    assert layout["pre_tokenizer"] is None
+    model = layout["model"]
+    assert model["type"] == "BPE" and model["byte_fallback"] is True and model["fuse_unk"] is True
+    vocab = sorted(model["vocab"], key=model["vocab"].get)
+    assert vocab[:3] == ["<unk>", "<s>", "</s>"] and vocab[3:259] == [f"<0x{b:02X}>" for b in range(256)]
+    assert len(model["merges"]) > 100 and all(isinstance(m, str) and m.count(" ") == 1 for m in model["merges"])
+    config = json.loads((tiny["llm"] / "tokenizer_config.json").read_text())
+    assert config["legacy"] is False and config["tokenizer_class"] == "LlamaTokenizer" and config["add_bos_token"]
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny["llm"] / "tokenizer.model"))
+    base = sp.get_piece_size()
+    assert base == len(model["vocab"])
     ids = tokenizer.convert_tokens_to_ids(list(PHI3_ADDED_TOKENS))
     assert ids == list(range(base, base + len(PHI3_ADDED_TOKENS)))  # same order, right after the base vocab
+    assert [t["content"] for t in layout["added_tokens"]] == ["<unk>", "<s>", "</s>", *PHI3_ADDED_TOKENS]
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
     assert tokenizer.bos_token_id == 1
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
     for token in ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>"):
         enc = tokenizer.encode(token, add_special_tokens=False)
         assert enc == [tokenizer.convert_tokens_to_ids(token)], token
-    # The template's special tokens stay single ids inside text, and the newline after them is kept.
+    # tokenizer.json is the SentencePiece model converted: the same pieces on plain text, bytes included.
+    raw = Tokenizer.from_file(str(tiny["llm"] / "tokenizer.json"))
+    for text in ("What colour are the shapes?", "Options:\nA. red\nB. blue", "  two  spaces", "图中 ü 42 ~"):
+        assert raw.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    # Every text segment after an added token starts with "▁", as in Phi-3; the newlines are kept.
     ids = tokenizer.encode("<|user|>\nhi<|end|>\n<|assistant|>\n", add_special_tokens=True)
-    assert ids[:2] == [1, tokenizer.convert_tokens_to_ids("<|user|>")]
+    assert tokenizer.convert_ids_to_tokens(ids)[:4] == ["<s>", "<|user|>", "▁", "\n"]
     assert tokenizer.convert_tokens_to_ids("<|end|>") in ids and tokenizer.convert_tokens_to_ids("<|assistant|>") in ids
     assert tokenizer.decode(ids, skip_special_tokens=False).count("\n") == 3
 

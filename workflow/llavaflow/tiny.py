@@ -220,9 +220,18 @@ def make_mmbench_tsv(path: Path, dataset: str, n_questions: int, seed: int) -> N
 
 
 def build_tokenizer(out: Path, texts: list[str], seed: int):
-    """A SentencePiece BPE with byte fallback (Llama/Phi-3 style) + Phi-3's added tokens after it."""
+    """Phi-3's tokenizer, small: a SentencePiece BPE with byte fallback (`tokenizer.model`) and the
+    `tokenizer.json` laid out as microsoft/Phi-3-mini-4k-instruct ships it.
+
+    That layout: the BPE's vocabulary and merges, a `Sequence[Prepend("▁"), Replace(" ", "▁")]`
+    normalizer and no pre-tokenizer (so every text segment between added tokens gets its own "▁"),
+    `<unk> <s> </s>`, the 256 byte pieces, the learned pieces, then Phi-3's 11 added tokens in order;
+    merges are written as "a b" strings as in Phi-3's file, the form tokenizers < 0.20 read too.
+    """
     import sentencepiece as spm
-    from transformers import AddedToken, AutoTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()  # in memory: a model_prefix path would be recorded in the file
@@ -232,16 +241,34 @@ def build_tokenizer(out: Path, texts: list[str], seed: int):
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
         character_coverage=1.0, num_threads=1, minloglevel=2,
     )
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096,
-        "padding_side": "left", "clean_up_tokenization_spaces": False}))
     (out / "tokenizer.model").write_bytes(model.getvalue())
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=False, lstrip=False) for t in PHI3_ADDED_TOKENS])
-    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
-    tok.save_pretrained(out)
-    return AutoTokenizer.from_pretrained(out)
+    pieces = SentencePieceExtractor(str(out / "tokenizer.model")).extract(BPE)
+    vocab, merges = pieces["vocab"], pieces["merges"]
+    tok = Tokenizer(BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    special = ("<unk>", "<s>", "</s>") + PHI3_ADDED_TOKENS
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    layout = json.loads(tok.to_str())
+    layout["model"]["merges"] = [f"{a} {b}" for a, b in merges]  # no piece holds a space: "▁" stands for it
+    (out / "tokenizer.json").write_text(json.dumps(layout, ensure_ascii=False, indent=2) + "\n")
+
+    added = {str(vocab[t] if t in vocab else tok.token_to_id(t)): {
+        "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for t in special}
+    names = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, **names,
+        "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": 4096, "padding_side": "left",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "use_default_system_prompt": False},
+        indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
+    from transformers import PreTrainedTokenizerFast  # the files as written; the LLM's config comes later
+
+    return PreTrainedTokenizerFast.from_pretrained(out)
 
 
 def build_llm(out: Path, tokenizer, seed: int):

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from safetensors import safe_open
 
 from ..atomic import atomic_output, check_output
-from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files,
-                 iter_tensors, read_json, write_json)
+from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, write_json
+from .tokenizer_files import copy_tokenizer
 from .tables import UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
     Projector activation, select layer and strategy come from projector/config.json (`visual_select_layer`
     overrides). Only a 2-layer projector has an HF form; other depths are refused before anything is written.
     """
-    from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, PreTrainedTokenizerFast
 
     text_model, vision_model = Path(text_model_id), Path(vision_model_id)
     text_cfg = _check_llama(text_model)
@@ -127,25 +127,10 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         raise ConversionError(f"{projector_weight}: {e}; export it with to_llava instead") from None
     check_output(Path(save_path), [text_model, vision_model, projector_weight], overwrite)
     clip_proc = CLIPImageProcessor.from_pretrained(vision_model)
-    tok = AutoTokenizer.from_pretrained(text_model)
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tok.add_special_tokens({"pad_token": "<pad>"})
-    image_id, pad_id = tok.convert_tokens_to_ids(["<image>", "<pad>"])
-    if max(image_id, pad_id) >= text_cfg["vocab_size"]:
-        raise ConversionError(f"<image>/<pad> ids {image_id}/{pad_id} do not fit the {text_cfg['vocab_size']} embedding rows")
     torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
     vision = vision_cfg.to_dict()
     vision.update(model_type="clip_vision_model")
-    config = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "image_token_index": image_id, "pad_token_id": pad_id, "image_seq_length": patches,
-        "projector_hidden_act": proj.hidden_act,
-        "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
-        "vision_feature_layer": proj.visual_select_layer, "multimodal_projector_bias": proj.bias,
-        "tie_word_embeddings": False, "torch_dtype": torch_dtype,
-        "text_config": _legacy_text_config(text_cfg, torch_dtype), "vision_config": vision,
-    }
     size = clip_proc.crop_size["height"]
     preprocessor = {
         "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_pad": True,
@@ -155,14 +140,24 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
         "image_std": list(clip_proc.image_std), "do_convert_rgb": True,
     }
     with atomic_output(Path(save_path), inputs=[text_model, vision_model, projector_weight], overwrite=overwrite) as tmp:
+        # The training tokenizer's files with <image> and <pad> appended (the llava-hf converter's tokens).
+        added = copy_tokenizer(text_model, tmp, add_special=("<image>",), pad_token="<pad>",
+                               chat_template=PHI3_CHAT_TEMPLATE)
+        image_id, pad_id = added["<image>"], added["<pad>"]
+        if max(image_id, pad_id) >= text_cfg["vocab_size"]:
+            raise ConversionError(f"<image>/<pad> ids {image_id}/{pad_id} do not fit the {text_cfg['vocab_size']} embedding rows")
+        tok = PreTrainedTokenizerFast.from_pretrained(tmp)
+        config = {
+            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": image_id, "pad_token_id": pad_id, "image_seq_length": patches,
+            "projector_hidden_act": proj.hidden_act,
+            "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
+            "vision_feature_layer": proj.visual_select_layer, "multimodal_projector_bias": proj.bias,
+            "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+            "text_config": _legacy_text_config(text_cfg, torch_dtype), "vision_config": vision,
+        }
         _write_weights(tmp, table, text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
-        tok.chat_template = PHI3_CHAT_TEMPLATE
-        tok.save_pretrained(tmp)
-        copy_files(text_model, tmp, ("tokenizer.model",))
-        write_json(tmp / "special_tokens_map.json", {
-            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.unk_token, "pad_token": "<pad>",
-            "additional_special_tokens": ["<image>"]})
         (tmp / "chat_template.jinja").write_text(PHI3_CHAT_TEMPLATE)
         write_json(tmp / "chat_template.json", {"chat_template": PHI3_CHAT_TEMPLATE})
         write_json(tmp / "processor_config.json", {
@@ -182,7 +177,7 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
     mm_projector_type (linear / mlp{N}x_gelu), mm_vision_select_layer and mm_vision_select_feature come
     from projector/config.json (`visual_select_layer` overrides).
     """
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, PreTrainedTokenizerFast
 
     save_path = Path(save_path)
     name = save_path.name.lower()
@@ -190,8 +185,6 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
         raise ConversionError(f"{save_path}: LLaVA's loader needs 'llava' in the folder name (and no mpt/mistral/lora)")
     text_model, vision_model = Path(text_model_id), Path(vision_model_id)
     text_cfg = _check_llama(text_model)
-    if not (text_model / "tokenizer.model").exists():
-        raise ConversionError(f"{text_model}: no tokenizer.model; LLaVA's slow tokenizer needs it")
     vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
     proj = _projector_facts(projector_weight, vision_cfg, text_cfg, visual_select_layer)
     try:
@@ -211,11 +204,11 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
         "freeze_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": model_max_length, "mm_projector_lr": None, "use_cache": True,
     })
-    tok = AutoTokenizer.from_pretrained(text_model)
     with atomic_output(save_path, inputs=[text_model, vision_model, projector_weight], overwrite=overwrite) as tmp:
+        copy_tokenizer(text_model, tmp)  # LLaVA's loader builds it from tokenizer.json too (use_fast=False kept)
+        tok = PreTrainedTokenizerFast.from_pretrained(tmp)
         _write_weights(tmp, xtuner_to_llava(proj.depth), text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
-        copy_files(text_model, tmp, TOKENIZER_FILES)
         CLIPImageProcessor.from_pretrained(vision_model).save_pretrained(tmp)
         write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": tok.pad_token_id})

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from ..atomic import atomic_output, check_output
-from .io import (TOKENIZER_FILES, ConversionError, ShardWriter, copy_files, iter_tensors,
-                 read_json, write_json)
+from .io import ConversionError, ShardWriter, iter_tensors, read_json, write_json
+from .tokenizer_files import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,4 @@ def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: in
         write_json(tmp / "config.json", llama_config(cfg))
         gen = read_json(phi_path / "generation_config.json") if (phi_path / "generation_config.json").exists() else {}
         write_json(tmp / "generation_config.json", gen)
-        copied = copy_files(phi_path, tmp, TOKENIZER_FILES)
-        if "tokenizer.model" not in copied:
-            log.warning("%s has no tokenizer.model: the slow tokenizer (LLaVA's loader) will not load", phi_path)
+        copy_tokenizer(phi_path, tmp)  # as written: a `llama` config must not make 5.x rebuild it
