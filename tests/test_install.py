@@ -18,7 +18,12 @@ def venv(tmp_path_factory):
     """A venv with llavaflow installed from a wheel; its dependencies are this environment's (a .pth line), so
     nothing is downloaded."""
     tmp = tmp_path_factory.mktemp("install")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(ROOT)])
+    src = tmp / "src"  # a copy, so that setuptools' build/ folder is not left in the checkout
+    shutil.copytree(ROOT / "workflow" / "llavaflow", src / "workflow" / "llavaflow",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)])
     (wheel,) = (tmp / "dist").glob("llavaflow-*.whl")
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
