@@ -102,7 +102,7 @@ def main():
     run = args.work / ("run-" + args.stage)
     subprocess.run(["rm", "-rf", str(run)], check=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(ROOT / "workflow" / "scripts" / "train.py"), "--recipe", json.dumps(recipe),
+           "-m", "llavaflow.cli", "train", "--recipe", json.dumps(recipe),
            "--work-dir", str(run / "work"), "--output", str(run / "final.pth")]
     subprocess.run(cmd, check=True, cwd=ROOT)
     records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]

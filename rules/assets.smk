@@ -10,8 +10,6 @@ if TINY:
         benchmark:
             "results/benchmarks/build_tiny_assets.tsv"
         params:
-            python=python_exe,
-            scripts=scripts_dir,
             seed=0,
             datasets=config["mmbench"]["datasets"],
             code=code_hash("tiny.py", "eval/prompt.py", "constants.py"),
@@ -22,5 +20,5 @@ if TINY:
         conda:
             "../envs/llavaflow.yaml"
         shell:
-            "{params.python} {params.scripts}/build_tiny_assets.py --out {output.assets} --mmbench-dir results/mmbench/data"
+            "llavaflow build-tiny --out {output.assets} --mmbench-dir results/mmbench/data"
             " --datasets {params.datasets} --seed {params.seed} > {log} 2>&1"

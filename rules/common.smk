@@ -1,23 +1,27 @@
 # Shared helpers: config validation, recipes, code hashes, launchers. No rules here.
 import hashlib
+import itertools
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
-LLAVAFLOW_SRC = Path(workflow.basedir) / "workflow"
-sys.path.insert(0, str(LLAVAFLOW_SRC))
-
+import llavaflow
 from llavaflow.config import ConfigError, stage_recipe, validate_config
 
 try:
-    validate_config(config, Path(workflow.basedir) / "config" / "schema.yaml")
+    validate_config(config)
 except ConfigError as e:
     raise ValueError(f"invalid configuration:\n{e}") from None
 
-# PYTHONPATH survives conda activation here, so rule scripts import the checkout's llavaflow.
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={LLAVAFLOW_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix("set -euo pipefail; ")
 
 TINY = config["preset"] == "tiny"
+STAGES = ("pretrain", "finetune")
+# VLMEvalKit's TEST files carry no answers: their evaluation writes predictions for submission, no scores.
+TEST_SPLITS = [d for d in config["mmbench"]["datasets"] if d in ("MMBench_TEST_EN", "MMBench_TEST_CN")]
+SCORED_SPLITS = [d for d in config["mmbench"]["datasets"] if d not in TEST_SPLITS]
 
 
 def _uses_conda():
@@ -29,19 +33,33 @@ def _uses_conda():
         return False
 
 
-# Jobs run with Snakemake's own interpreter (the one llavaflow is installed in), or the env's with --sdm conda.
-PYTHON = "python" if _uses_conda() else sys.executable
-SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+if _uses_conda():
+    # envs/llavaflow.yaml installs the checkout at LLAVAFLOW_ROOT (editable); pip expands the variable while
+    # Snakemake builds the env, in this process.
+    os.environ.setdefault("LLAVAFLOW_ROOT", workflow.basedir)
+
+# Jobs run `llavaflow` and `python` from PATH: with --sdm conda those of envs/llavaflow.yaml, otherwise those of
+# the environment Snakemake itself runs in (activate it), so the jobs run the code validated and hashed here.
+PYTHON = "python"
+if not _uses_conda():
+    _bin = Path(sys.executable).parent
+    for _tool in ("llavaflow", "python"):
+        _found = shutil.which(_tool)
+        if _found is None or Path(_found).parent != _bin:
+            raise ValueError(f"`{_tool}` on PATH is {_found}, not the one in {_bin} (the environment running Snakemake): "
+                             f"activate that environment (e.g. `source {_bin}/activate`), or run with --sdm conda")
+
+LLAVAFLOW = Path(llavaflow.__file__).parent  # the installed package that the jobs run
 
 
 def code_hash(*parts):
     """First 12 hex digits of the sha256 of the named llavaflow modules/packages (rerun on real edits only)."""
     h = hashlib.sha256()
     for part in parts:
-        path = LLAVAFLOW_SRC / "llavaflow" / part
+        path = LLAVAFLOW / part
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for f in files:
-            h.update(str(f.relative_to(LLAVAFLOW_SRC)).encode())
+            h.update(str(f.relative_to(LLAVAFLOW.parent)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -76,15 +94,6 @@ def training_inputs(stage):
     if stage == "finetune":
         inputs["init"] = "results/pretrain/final.pth"
     return inputs
-
-
-def python_exe(wildcards, resources):
-    """The interpreter of the jobs; a function of resources, so not a tracked param (moving a venv reruns nothing)."""
-    return PYTHON
-
-
-def scripts_dir(wildcards, resources):
-    return str(SCRIPTS)
 
 
 def torchrun(ranks, nodes=1):
@@ -149,9 +158,17 @@ def mmbench_entry(wildcards):
     return json.dumps([dict(config["downloads"]["mmbench"][wildcards.dataset], dest=f"{wildcards.dataset}.tsv")])
 
 
-def report_benchmarks():
-    """Benchmark files of every job before the report (they are outputs of those jobs)."""
-    jobs = ["pretrain", "finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava"]
-    jobs += ["build_tiny_assets"] if TINY else [f"download_data/{s}" for s in ("pretrain", "finetune")]
-    jobs += [f"mmbench_eval/{d}" for d in config["mmbench"]["datasets"]]
-    return [f"results/benchmarks/{j}.tsv" for j in jobs]
+def every_benchmark(wildcards):
+    """The benchmark file of every job upstream of the report: each benchmark pattern of the workflow, expanded
+    over the config's stages and datasets where the wildcard constraints of its producer allow it."""
+    values = {"stage": STAGES, "dataset": config["mmbench"]["datasets"]}
+    files = set()
+    for producer in workflow.rules:
+        if producer.name == "report" or not producer.benchmark:
+            continue
+        names = sorted(producer.benchmark.get_wildcard_names())
+        for combo in itertools.product(*(values[n] for n in names)):
+            path = producer.benchmark.apply_wildcards(dict(zip(names, combo)))
+            if producer.is_producer(path):
+                files.add(path)
+    return sorted(files)

@@ -13,8 +13,6 @@ rule pth_to_hf:
     benchmark:
         "results/benchmarks/pth_to_hf.tsv"
     params:
-        python=python_exe,
-        scripts=scripts_dir,
         llm=config["model"]["llm"],
         visual_encoder=config["model"]["visual_encoder"],
         select_layer=config["model"]["visual_select_layer"],
@@ -27,7 +25,7 @@ rule pth_to_hf:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/pth_to_hf.py {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
+        "llavaflow convert pth_to_hf {input.ckpt} {output} --llm {params.llm} --visual-encoder {params.visual_encoder}"
         " --visual-select-layer {params.select_layer} --dtype {params.dtype} > {log} 2>&1"
 
 
@@ -41,8 +39,6 @@ rule phi_to_llama:
     benchmark:
         "results/benchmarks/phi_to_llama.tsv"
     params:
-        python=python_exe,
-        scripts=scripts_dir,
         code=CONVERT_CODE,
     threads: 1
     resources:
@@ -51,7 +47,7 @@ rule phi_to_llama:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/phi_to_llama.py --phi_path {input} --save_path {output} > {log} 2>&1"
+        "llavaflow convert phi_to_llama --phi_path {input} --save_path {output} > {log} 2>&1"
 
 
 rule export_llava:
@@ -65,8 +61,6 @@ rule export_llava:
     benchmark:
         "results/benchmarks/export_llava.tsv"
     params:
-        python=python_exe,
-        scripts=scripts_dir,
         dtype=config["convert"]["dtype"],
         tower=mm_vision_tower(),
         code=CONVERT_CODE,
@@ -77,7 +71,7 @@ rule export_llava:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/export.py to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "llavaflow convert to_llava --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --mm_vision_tower {params.tower} --dtype {params.dtype} > {log} 2>&1"
 
@@ -93,8 +87,6 @@ rule export_hf:
     benchmark:
         "results/benchmarks/export_hf.tsv"
     params:
-        python=python_exe,
-        scripts=scripts_dir,
         dtype=config["convert"]["dtype"],
         code=CONVERT_CODE,
     threads: 1
@@ -104,6 +96,6 @@ rule export_hf:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/export.py to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
+        "llavaflow convert to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --dtype {params.dtype} > {log} 2>&1"

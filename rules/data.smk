@@ -11,14 +11,10 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_data/{stage}.tsv"
         params:
-            python=python_exe,
-            scripts=scripts_dir,
             entries=download_entries,
             root=data_root,
             jobs=config["downloads"]["jobs"],
             code=code_hash("download.py"),
-        wildcard_constraints:
-            stage="pretrain|finetune",
         localrule: True
         retries: 3
         threads: 4
@@ -28,26 +24,23 @@ if not TINY:
         conda:
             "../envs/llavaflow.yaml"
         shell:
-            "{params.python} {params.scripts}/download.py --root {params.root} --entries {params.entries:q} --jobs {params.jobs}"
+            "llavaflow download --root {params.root} --entries {params.entries:q} --jobs {params.jobs}"
             " --done {output} > {log} 2>&1"
 
     rule check_data:
         input:
             "results/data/{stage}.download.json",
         output:
-            "results/data/{stage}.check.json",
+            counts="results/data/{stage}.check.json",
+            bad_images="results/data/{stage}.bad_images.tsv",
         log:
             "results/logs/check_data/{stage}.log",
         benchmark:
             "results/benchmarks/check_data/{stage}.tsv"
         params:
-            python=python_exe,
-            scripts=scripts_dir,
             sources=check_sources,
             on_bad=config["data"]["on_bad_sample"],
             code=code_hash("data/check.py", "data/dataset.py"),
-        wildcard_constraints:
-            stage="pretrain|finetune",
         threads: 8
         resources:
             mem_mb=8000,
@@ -55,8 +48,8 @@ if not TINY:
         conda:
             "../envs/llavaflow.yaml"
         shell:
-            "{params.python} {params.scripts}/check_data.py --sources {params.sources:q} --on-bad-sample {params.on_bad}"
-            " --report results/data/{wildcards.stage}.bad_images.tsv --out {output} > {log} 2>&1"
+            "llavaflow check-data --sources {params.sources:q} --on-bad-sample {params.on_bad}"
+            " --report {output.bad_images} --out {output.counts} > {log} 2>&1"
 
     rule download_mmbench:
         output:
@@ -66,8 +59,6 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_mmbench/{dataset}.tsv"
         params:
-            python=python_exe,
-            scripts=scripts_dir,
             entries=mmbench_entry,
             code=code_hash("download.py"),
         localrule: True
@@ -79,4 +70,4 @@ if not TINY:
         conda:
             "../envs/llavaflow.yaml"
         shell:
-            "{params.python} {params.scripts}/download.py --root results/mmbench/data --entries {params.entries:q} > {log} 2>&1"
+            "llavaflow download --root results/mmbench/data --entries {params.entries:q} > {log} 2>&1"

@@ -1,5 +1,7 @@
 # MMBench / CCBench evaluation of the xtuner-style folder, one job per dataset. The prediction cache in
 # results/mmbench/<dataset>/cache is undeclared, so a rerun after a crash reuses the rows already predicted.
+# Datasets with answers get VLMEvalKit's _acc.csv and xtuner's mmbench_result.json; TEST splits (no answers)
+# only predictions for submission, so they have a rule of their own with fewer outputs.
 
 
 rule mmbench_eval:
@@ -9,12 +11,16 @@ rule mmbench_eval:
     output:
         summary="results/mmbench/{dataset}/summary.json",
         predictions="results/mmbench/{dataset}/predictions.xlsx",
+        predictions_csv="results/mmbench/{dataset}/predictions.csv",
+        acc="results/mmbench/{dataset}/{dataset}_acc.csv",
+        xtuner_result="results/mmbench/{dataset}/mmbench_result.json",
+    wildcard_constraints:
+        dataset="|".join(SCORED_SPLITS) or "(?!)",
     log:
         "results/logs/mmbench_eval/{dataset}.log",
     benchmark:
         "results/benchmarks/mmbench_eval/{dataset}.tsv"
     params:
-        scripts=scripts_dir,
         template=config["mmbench"]["prompt_template"],
         policy=config["mmbench"]["policy"],
         max_new_tokens=config["mmbench"]["max_new_tokens"],
@@ -30,7 +36,20 @@ rule mmbench_eval:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {params.scripts}/mmbench_eval.py {input.model} --data-path {input.tsv}"
+        "{params.launcher} -m llavaflow.cli mmbench {input.model} --data-path {input.tsv}"
         " --work-dir results/mmbench/{wildcards.dataset} --dataset {wildcards.dataset}"
         " --prompt-template {params.template} --policy {params.policy} --max-new-tokens {params.max_new_tokens}"
         " --batch-size {params.batch_size} > {log} 2>&1"
+
+
+use rule mmbench_eval as mmbench_predict with:
+    output:
+        summary="results/mmbench/{dataset}/summary.json",
+        predictions="results/mmbench/{dataset}/predictions.xlsx",
+        predictions_csv="results/mmbench/{dataset}/predictions.csv",
+    wildcard_constraints:
+        dataset="|".join(TEST_SPLITS) or "(?!)",
+    log:
+        "results/logs/mmbench_predict/{dataset}.log",
+    benchmark:
+        "results/benchmarks/mmbench_predict/{dataset}.tsv"

@@ -4,9 +4,9 @@
 rule report:
     input:
         summaries=expand("results/mmbench/{dataset}/summary.json", dataset=config["mmbench"]["datasets"]),
-        pretrain="results/pretrain/final.pth",
-        finetune="results/finetune/final.pth",
-        benchmarks=report_benchmarks(),
+        pretrain=rules.pretrain.output[0],
+        finetune=rules.finetune.output[0],
+        benchmarks=every_benchmark,
     output:
         mmbench=report("results/report/mmbench_summary.tsv", caption="../workflow/report/mmbench.rst", category="Evaluation"),
         curves=report("results/report/training_curves.svg", caption="../workflow/report/curves.rst", category="Training"),
@@ -16,8 +16,6 @@ rule report:
     benchmark:
         "results/benchmarks/report.tsv"
     params:
-        python=python_exe,
-        scripts=scripts_dir,
         code=code_hash("report.py"),
     localrule: True
     threads: 1
@@ -27,7 +25,7 @@ rule report:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.python} {params.scripts}/report.py --out {output.mmbench} --curves {output.curves}"
+        "llavaflow report --out {output.mmbench} --curves {output.curves}"
         " --runtimes {output.runtimes} --metrics pretrain={input.pretrain}/metrics.jsonl"
         " finetune={input.finetune}/metrics.jsonl --benchmarks {input.benchmarks} --summaries {input.summaries}"
         " > {log} 2>&1"

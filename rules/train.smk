@@ -12,7 +12,6 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain.tsv"
     params:
-        scripts=scripts_dir,
         recipe=recipe_json("pretrain"),
         volatile=recipe_volatile("pretrain"),
         world=world_size("pretrain"),
@@ -24,7 +23,7 @@ rule pretrain:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {params.scripts}/train.py --recipe {params.recipe:q} --set {params.volatile:q}"
+        "{params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
         " --work-dir results/pretrain/work_dir --output {output} > {log} 2>&1"
 
 
@@ -38,7 +37,6 @@ rule finetune:
     benchmark:
         "results/benchmarks/finetune.tsv"
     params:
-        scripts=scripts_dir,
         recipe=recipe_json("finetune"),
         volatile=recipe_volatile("finetune"),
         world=world_size("finetune"),
@@ -50,5 +48,5 @@ rule finetune:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} {params.scripts}/train.py --recipe {params.recipe:q} --set {params.volatile:q}"
+        "{params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
         " --work-dir results/finetune/work_dir --output {output} > {log} 2>&1"

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow"))
 TINY_DATASETS = ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "CCBench"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,9 +33,17 @@ def tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny["llm"], padding_side="right")
 
 
+def activated_env(env=None) -> dict:
+    """This interpreter's environment as if activated (its bin folder first on PATH), as the workflow's jobs
+    expect: they call the `llavaflow` and `python` of the environment running Snakemake."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **(env or {})}
+
+
 def run(cmd, cwd=ROOT, env=None, timeout=900, check=True):
-    """Run a command, returning CompletedProcess; on failure the output is in the assertion message."""
-    full_env = {**os.environ, **(env or {})}
+    """Run a command (in the activated environment), returning CompletedProcess; on failure the output is in
+    the assertion message."""
+    full_env = activated_env(env)
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -1,16 +1,15 @@
 """The config schema: both shipped configs validate; bad keys and types are named in the error."""
 
 import copy
+import dataclasses
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, run
-from llavaflow.config import ConfigError, stage_recipe, validate_config
-
-SCHEMA = ROOT / "config" / "schema.yaml"
+from llavaflow.config import SCHEMA, ConfigError, stage_recipe, validate_config
+from llavaflow.train.recipe import Recipe
 
 
 def load(name):
@@ -39,11 +38,28 @@ def test_real_config_is_the_reference_recipe():
     assert c["mmbench"]["datasets"] == ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "MMBench_TEST_CN", "CCBench"]
 
 
-def test_defaults_are_filled():
+def test_defaults_are_filled_once_each():
+    """Optional training keys take Recipe's defaults (the schema gives none); other optional keys the schema's,
+    inside array items too."""
     c = load("tiny.yaml")
-    c["finetune"].pop("eps", None)
+    c["finetune"].pop("num_workers")
+    c["data"]["finetune"]["datasets"][0].pop("image_folder")
+    c["mmbench"].pop("batch_size")
     validate_config(c, SCHEMA)
-    assert c["finetune"]["eps"] == 1e-8
+    assert "num_workers" not in c["finetune"] and stage_recipe(c, "finetune").num_workers == Recipe.num_workers == 4
+    assert c["data"]["finetune"]["datasets"][0]["image_folder"] == "."
+    assert c["mmbench"]["batch_size"] == 16
+
+
+def test_the_schema_requires_every_recipe_value_that_changes_the_result():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    stage = schema["$defs"]["stage"]
+    assert not [k for k, v in stage["properties"].items() if "default" in v]  # Recipe is their one source
+    from_model = {"stage", "llm", "visual_encoder", "datasets", "init_from", "prompt_template", "visual_select_layer",
+                  "projector_depth", "max_length", "on_bad_sample"}
+    semantic = {f.name for f in dataclasses.fields(Recipe)} - set(Recipe.VOLATILE) - from_model
+    assert set(stage["required"]) == semantic | {"nodes", "gpus_per_node"}
+    assert set(stage["properties"]) == semantic | set(Recipe.VOLATILE) | {"nodes", "gpus_per_node"}
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -54,6 +70,9 @@ def test_defaults_are_filled():
     (lambda c: c["pretrain"].update(nodes=0), "config key pretrain.nodes"),
     (lambda c: c.update(extra=1), "config key <top level>: unknown key(s) ['extra']"),
     (lambda c: c["mmbench"].update(datasets=["MMBench_DEV_XX"]), "config key mmbench.datasets.0"),
+    (lambda c: c["model"].pop("llm"), "config key model.llm: missing"),
+    (lambda c: c.pop("finetune"), "config key finetune: missing"),
+    (lambda c: c["pretrain"].pop("eps"), "config key pretrain.eps: missing"),
 ])
 def test_bad_config_names_the_key(mutate, expected):
     c = copy.deepcopy(load("config.yaml"))
@@ -70,7 +89,6 @@ def test_stage_recipe_resolves_paths_and_chains_stages():
     assert ft.datasets[3] == {"annotation": "results/data/finetune/internvl_sft/dvqa_train_200k.jsonl",
                               "image_folder": "results/data/finetune/internvl_sft/data/dvqa"}
     # Volatile keys do not change the fingerprint; semantic keys and the world size do.
-    import dataclasses
     assert pre.fingerprint(8) == dataclasses.replace(pre, num_workers=1, save_steps=7).fingerprint(8)
     assert pre.fingerprint(8) != dataclasses.replace(pre, lr=2e-3).fingerprint(8)
     assert pre.fingerprint(8) != pre.fingerprint(4)
@@ -87,3 +105,29 @@ def test_snakemake_stops_before_any_job_on_a_bad_key(tmp_path):
     out = proc.stdout + proc.stderr
     assert "config key finetune.lr: expected number, got 'fast'" in out
     assert "Job stats" not in out  # stopped while parsing, before any job was scheduled
+
+
+@pytest.mark.parametrize("drop, key", [(lambda c: c["model"].pop("llm"), "model.llm"),
+                                       (lambda c: c.pop("finetune"), "finetune")])
+def test_a_preset_is_complete_on_its_own(tmp_path, drop, key):
+    """A --configfile replaces config/config.yaml instead of overlaying it: a key the preset lacks is an
+    error naming it, never the reference recipe's value. The working folder has config/config.yaml, as a
+    checkout has, so an overlay would fill the key in."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
+    preset = load("tiny.yaml")
+    drop(preset)
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text(yaml.safe_dump(preset))
+    proc = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),
+                "--directory", str(tmp_path), "--configfile", str(cfg)], check=False)
+    assert proc.returncode != 0
+    assert f"config key {key}: missing" in proc.stdout + proc.stderr
+
+
+def test_without_a_configfile_the_reference_recipe_is_used(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
+    proc = run([sys.executable, "-m", "snakemake", "results/iter_hf", "--d3dag", "--snakefile", str(ROOT / "Snakefile"),
+                "--directory", str(tmp_path)])
+    assert '"rule": "download_data"' in proc.stdout  # the real preset downloads its inputs

@@ -1,4 +1,4 @@
-"""MMBench reading, prompts and scoring on synthetic TSVs covering the edge cases of mmbench.md §14."""
+"""MMBench reading, prompts and scoring on synthetic TSVs covering the edge cases of real MMBench files."""
 
 import base64
 import csv
@@ -133,10 +133,14 @@ def test_missing_rotation_shrinks_the_group_and_unknown_rows_are_dropped(tsv, tm
     df = read_benchmark(tsv)
     table = df.drop(columns=["image"]).reset_index(drop=True)
     table = table[table["index"] != 3000241].assign(extracted=lambda t: t["answer"])
-    extra = table.iloc[[0]].assign(index=4242, extracted="Z")  # an index the TSV does not have
-    s = score(table[table["index"].isin(df.index)])
-    assert s["circular"]["Overall"] == 1.0 and s["questions"] == 5
-    assert len(pd.concat([table, extra])) == len(table) + 1
+    s = score(table)
+    assert s["circular"]["Overall"] == 1.0 and s["questions"] == 5 and s["rows"] == 10
+
+    # A prediction for an index the TSV does not have is not scored, nor written out.
+    summary = write_results(df, {**answers(df), 4242: "A"}, tmp_path, "MMBench_DEV_EN", "vlmevalkit-head", {})
+    written = pd.read_csv(tmp_path / "predictions.csv")
+    assert summary["rows"] == len(written) == len(df) == 11 and 4242 not in set(written["index"])
+    assert summary["circular"]["Overall"] == 1.0
 
 
 def test_test_split_is_not_scored(tsv, tmp_path):
@@ -158,13 +162,13 @@ def test_two_ranks_shard_the_rows_and_merge_like_one_process(converted, tiny, tm
     """torchrun with 2 CPU ranks: the merged predictions equal a single process's, row for row."""
     import sys
 
-    from conftest import ROOT, run
+    from conftest import run
 
     tsv = tiny["mmbench"] / "MMBench_DEV_EN.tsv"
     args = [str(converted["out"] / "iter_xtuner"), "--data-path", str(tsv), "--max-new-tokens", "6", "--batch-size", "4"]
     run([sys.executable, "-m", "llavaflow.cli", "mmbench", *args, "--work-dir", str(tmp_path / "one")])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "workflow" / "scripts" / "mmbench_eval.py"), *args, "--work-dir", str(tmp_path / "two")],
+         "-m", "llavaflow.cli", "mmbench", *args, "--work-dir", str(tmp_path / "two")],
         env={"OMP_NUM_THREADS": "1"})
     one = pd.read_csv(tmp_path / "one" / "predictions.csv")
     two = pd.read_csv(tmp_path / "two" / "predictions.csv")

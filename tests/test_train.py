@@ -16,7 +16,7 @@ from llavaflow.model.checkpoint_reader import CheckpointError, load_state_dict
 from llavaflow.train.recipe import Recipe
 from llavaflow.train.schedule import lr_at
 
-TRAIN = str(ROOT / "workflow" / "scripts" / "train.py")
+TRAIN = ["-m", "llavaflow.cli", "train"]  # torchrun runs the installed command's module
 
 
 def recipe(tiny, **overrides) -> dict:
@@ -33,7 +33,7 @@ def recipe(tiny, **overrides) -> dict:
 
 
 def torchrun(nproc, rec, work, out, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *TRAIN,
            "--recipe", json.dumps(rec), "--work-dir", str(work), "--output", str(out)]
     return run(cmd, env={"OMP_NUM_THREADS": "1"}, **kw)
 
@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny, subset, tmp_path):
     torchrun(1, rec, tmp_path / "ref_work", tmp_path / "ref")
 
     work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", TRAIN,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *TRAIN,
            "--recipe", json.dumps(rec), "--work-dir", str(work), "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300

@@ -1,8 +1,11 @@
 """The workflow as Snakemake sees it: lint, the DAG of each target, profiles, environments."""
 
+import csv
+import io
+import json
 import re
 import sys
-from pathlib import Path
+from collections import Counter
 
 import pytest
 import yaml
@@ -18,9 +21,17 @@ def dry_run(tmp_path, target, config="config.yaml", *extra):
     return proc.stdout + proc.stderr
 
 
-def job_counts(out: str) -> dict:
-    table = out.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+def dag_jobs(tmp_path, target, config="config.yaml") -> dict:
+    """Jobs of the target's DAG by rule, from Snakemake's JSON rendering of the DAG (--d3dag)."""
+    proc = run(SNAKEMAKE + [target, "--d3dag", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                            "--configfile", str(ROOT / "config" / config)])
+    return dict(Counter(node["value"]["rule"] for node in json.loads(proc.stdout)["nodes"]))
+
+
+def job_resources(out: str, rule: str) -> dict:
+    """The resources line of a rule's job in a dry run (--printshellcmds output has no JSON form)."""
+    block = out.split(f"rule {rule}:")[1]
+    return dict(kv.split("=", 1) for kv in block.split("resources: ")[1].split("\n")[0].split(", "))
 
 
 @pytest.mark.parametrize("config", ["config.yaml", "tiny.yaml"])
@@ -31,32 +42,57 @@ def test_lint_is_clean(tmp_path, config):
 
 
 def test_dag_of_the_real_recipe(tmp_path):
-    assert job_counts(dry_run(tmp_path, "results/iter_hf")) == {
+    assert dag_jobs(tmp_path, "results/iter_hf") == {
         "download_data": 2, "check_data": 2, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "phi_to_llama": 1,
         "export_hf": 1}
-    assert job_counts(dry_run(tmp_path, "all")) == {
+    assert dag_jobs(tmp_path, "all") == {
         "download_data": 2, "download_mmbench": 5, "check_data": 2, "pretrain": 1, "finetune": 1, "pth_to_hf": 1,
-        "mmbench_eval": 5, "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "report": 1, "all": 1}
-    assert job_counts(dry_run(tmp_path, "results/iter_llava")) == {
+        "mmbench_eval": 3, "mmbench_predict": 2, "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "report": 1,
+        "all": 1}
+    assert dag_jobs(tmp_path, "results/iter_llava") == {
         "download_data": 2, "check_data": 2, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "phi_to_llama": 1,
         "export_llava": 1}
 
 
 def test_dag_of_the_tiny_preset(tmp_path):
-    assert job_counts(dry_run(tmp_path, "all", "tiny.yaml")) == {
-        "build_tiny_assets": 1, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "mmbench_eval": 4, "phi_to_llama": 1,
-        "export_hf": 1, "export_llava": 1, "report": 1, "all": 1}
+    assert dag_jobs(tmp_path, "all", "tiny.yaml") == {
+        "build_tiny_assets": 1, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "mmbench_eval": 3, "mmbench_predict": 1,
+        "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "report": 1, "all": 1}
+
+
+def test_every_file_a_job_writes_is_declared(tmp_path):
+    """The files the evaluation and the data check write beside their main output are outputs too."""
+    summary = run(SNAKEMAKE + ["all", "--summary", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+                               str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")]).stdout
+    rows = list(csv.DictReader(io.StringIO(summary), delimiter="\t"))
+    outputs = {r["output_file"]: r["rule"] for r in rows}
+    for dataset in ("MMBench_DEV_EN", "MMBench_DEV_CN", "CCBench"):
+        for name in ("summary.json", "predictions.xlsx", "predictions.csv", f"{dataset}_acc.csv", "mmbench_result.json"):
+            assert outputs[f"results/mmbench/{dataset}/{name}"] == "mmbench_eval"
+    assert outputs["results/mmbench/MMBench_TEST_EN/predictions.csv"] == "mmbench_predict"
+    assert "results/mmbench/MMBench_TEST_EN/MMBench_TEST_EN_acc.csv" not in outputs  # no answers, no scores
+    assert outputs["results/data/finetune.bad_images.tsv"] == "check_data"
+
+
+def test_the_report_depends_on_every_job(tmp_path):
+    """Its inputs (every job's benchmark) follow from the rules, so no job can be left out of its tables."""
+    proc = run(SNAKEMAKE + ["all", "--d3dag", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                            "--configfile", str(ROOT / "config" / "config.yaml")])
+    dag = json.loads(proc.stdout)
+    rule = {n["id"]: n["value"]["rule"] for n in dag["nodes"]}
+    report = next(i for i, r in rule.items() if r == "report")
+    direct = {e["u"] for e in dag["edges"] if e["v"] == report}
+    assert direct == {i for i, r in rule.items() if r not in ("report", "all")}
 
 
 def test_local_profile(tmp_path):
     out = dry_run(tmp_path, "results/iter_hf", "config.yaml", "--profile", str(ROOT / "profiles" / "local"))
-    assert "finetune" in out
+    assert job_resources(out, "finetune")["gpu"] == "8"
 
 
 def test_slurm_profile_resources(tmp_path):
     out = dry_run(tmp_path, "results/iter_hf", "config.yaml", "--profile", str(ROOT / "profiles" / "slurm"))
-    finetune = out.split("rule finetune:")[1].split("\n\n")[0]
-    resources = dict(kv.split("=", 1) for kv in finetune.split("resources: ")[1].split("\n")[0].split(", "))
+    resources = job_resources(out, "finetune")
     # what the plugin turns into: -p gpu -C h100 --nodes=1 --gpus=8 --cpus-per-task=64 --mem 480000 -t 2880
     assert resources["slurm_partition"] == "gpu" and resources["constraint"] == "h100"
     assert resources["gpu"] == "8" and resources["nodes"] == "1"
@@ -75,18 +111,47 @@ def _requirements():
     return {re.split(r"[<>=!~ ]", d)[0].lower().replace("_", "-"): d for d in deps}
 
 
+def _env_pip():
+    env = yaml.safe_load((ROOT / "envs" / "llavaflow.yaml").read_text())
+    return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+
+
 def test_env_pins_satisfy_the_package_requirements():
     from packaging.requirements import Requirement
 
-    env = yaml.safe_load((ROOT / "envs" / "llavaflow.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    pins = {p.split("==")[0].lower().replace("_", "-"): p.split("==")[1] for p in pip}
+    pins = {p.split("==")[0].lower().replace("_", "-"): p.split("==")[1] for p in _env_pip() if "==" in p}
     reqs = _requirements()
     for name, version in pins.items():
         assert name in reqs, f"{name} is pinned in envs/ but not a dependency of the package"
         assert Requirement(reqs[name]).specifier.contains(version), f"{name}=={version} violates {reqs[name]}"
-    missing = set(reqs) - set(pins) - {"torch", "snakemake", "snakemake-executor-plugin-slurm"}
+    missing = set(reqs) - set(pins) - {"snakemake", "snakemake-executor-plugin-slurm"}
     assert not missing, f"dependencies without a pin in envs/llavaflow.yaml: {missing}"
+
+
+def test_env_torch_has_the_varlen_attention_of_packing():
+    import torch
+    from packaging.version import Version
+
+    from llavaflow.model import packing
+
+    pin = next(p.split("==")[1] for p in _env_pip() if p.startswith("torch=="))
+    assert Version(pin) >= Version("2.10")  # the first varlen_attn with window_size, which packing needs
+    if Version(torch.__version__).base_version == pin:  # the torch install.sh puts here: check it for real
+        assert packing.varlen_attn is not None
+
+
+def test_env_installs_this_checkout(tmp_path):
+    """The env's last pip line installs the checkout that runs the workflow, editable, through the variable
+    that rules/common.smk sets: given to pip as conda does (a requirements file in another folder)."""
+    line = _env_pip()[-1]
+    assert line == "-e ${LLAVAFLOW_ROOT}"
+    (tmp_path / "requirements.txt").write_text(line + "\n")
+    proc = run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--report",
+                str(tmp_path / "report.json"), "-r", "requirements.txt"], cwd=tmp_path, env={"LLAVAFLOW_ROOT": str(ROOT)})
+    report = json.loads((tmp_path / "report.json").read_text())
+    (item,) = report["install"]
+    assert item["metadata"]["name"] == "llavaflow" and item["download_info"]["dir_info"] == {"editable": True}
+    assert item["download_info"]["url"] == ROOT.as_uri(), proc.stdout
 
 
 def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
@@ -105,6 +170,6 @@ def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
     shell = finetune.split("Shell command: ")[1].split("\n")[0]
     assert shell.startswith("srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 --kill-on-bad-exit 1 bash -c ")
     assert '--nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node 8 --rdzv_backend c10d' in shell
-    assert '"$0" "$@"\' ' + str(ROOT / "workflow" / "scripts" / "train.py") in shell
+    assert '"$0" "$@"\' -m llavaflow.cli train --recipe ' in shell
     pretrain = out.split("rule pretrain:")[1].split("resources: ")[1].split("\n")[0]
     assert "gpu=8" in pretrain and "nodes=1" in pretrain  # the single-node stage keeps --gpus

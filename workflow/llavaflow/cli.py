@@ -72,8 +72,7 @@ def cmd_pth_to_hf(args) -> None:
     from .config import load_config
     from .convert.pth_to_hf import pth_to_hf
 
-    config = load_config(args.config, Path(__file__).resolve().parents[2] / "config" / "schema.yaml") \
-        if args.config else {}
+    config = load_config(args.config) if args.config else {}
     model = config.get("model", {})
     llm, vit = args.llm or model.get("llm"), args.visual_encoder or model.get("visual_encoder")
     if not llm or not vit:
@@ -273,6 +272,25 @@ def _add_download(sub) -> None:
     c.set_defaults(func=cmd_check_data)
 
 
+def cmd_report(args) -> None:
+    from .report import stage_runtimes, training_curves_svg, write_mmbench_table
+
+    write_mmbench_table(args.summaries, args.out)
+    training_curves_svg(dict(m.split("=", 1) for m in args.metrics), args.curves)
+    stage_runtimes(args.benchmarks, args.runtimes)
+
+
+def _add_report(sub) -> None:
+    r = sub.add_parser("report", help="the run's tables: MMBench scores, training curves, runtime of each job")
+    r.add_argument("--out", required=True, help="TSV of every evaluation's scores")
+    r.add_argument("--curves", required=True, help="SVG of the training losses")
+    r.add_argument("--runtimes", required=True, help="TSV of each job's wall time and peak memory")
+    r.add_argument("--metrics", nargs="+", required=True, help="STAGE=metrics.jsonl")
+    r.add_argument("--benchmarks", nargs="+", required=True, help="Snakemake benchmark TSVs")
+    r.add_argument("--summaries", nargs="+", required=True, help="the evaluations' summary.json files")
+    r.set_defaults(func=cmd_report)
+
+
 def _add_mmbench(sub) -> None:
     m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
     m.add_argument("model_name_or_path", type=_folder, help="the xtuner-style folder (results/iter_xtuner)")
@@ -313,6 +331,7 @@ def parser() -> argparse.ArgumentParser:
     _add_mmbench(sub)
     _add_chat(sub)
     _add_download(sub)
+    _add_report(sub)
     return p
 
 

@@ -1,8 +1,8 @@
-"""The pipeline config: validation against config/schema.yaml and the per-stage training recipes."""
+"""The pipeline config: validation against config.schema.yaml (shipped with the package) and the per-stage
+training recipes."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import jsonschema
@@ -13,6 +13,9 @@ from .train.recipe import Recipe
 STAGE_INPUT = {"pretrain": None, "finetune": "pretrain"}  # which stage's checkpoint starts each stage
 # Keys of a stage section that place the job (world size) rather than describe the recipe.
 PLACEMENT_KEYS = ("nodes", "gpus_per_node")
+
+
+SCHEMA = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -32,36 +35,29 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "type":
         return f"config key {where}: expected {error.validator_value}, got {error.instance!r}"
     if error.validator == "required":
-        return f"config key {where}: {error.message}"
+        prefix = f"{where}." if error.absolute_path else ""
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return "\n".join(f"config key {prefix}{k}: missing (a config file is complete on its own; "
+                         f"config/config.yaml lists every key)" for k in missing)
     return f"config key {where}: {error.message}"
 
 
-def _resolve(root: dict, schema: dict) -> dict:
-    ref = schema.get("$ref", "")
-    if ref.startswith("#/$defs/"):
-        return {**root["$defs"][ref.removeprefix("#/$defs/")], **{k: v for k, v in schema.items() if k != "$ref"}}
-    return schema
+def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
+    """Validate in place, then fill the schema's defaults; raise ConfigError naming every offending key.
 
-
-def _fill_defaults(root: dict, schema: dict, instance: dict) -> None:
-    """Set `default:` values of absent keys, inside objects that exist (as snakemake's validate does)."""
-    for key, sub in _resolve(root, schema).get("properties", {}).items():
-        sub = _resolve(root, sub)
-        if key not in instance and "default" in sub:
-            instance[key] = copy.deepcopy(sub["default"])
-        if isinstance(instance.get(key), dict) and sub.get("type") == "object":
-            _fill_defaults(root, sub, instance[key])
-
-
-def validate_config(config: dict, schema_path: str | Path) -> dict:
-    """Validate in place (filling defaults); raise ConfigError naming the first offending key."""
+    Our messages name the key in one line; snakemake.utils.validate then fills `default:` values (in
+    array items and behind $refs too). Optional training keys are left out: Recipe holds their defaults.
+    """
     schema = yaml.safe_load(Path(schema_path).read_text())
     if not isinstance(config, dict):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
-    _fill_defaults(schema, schema, config)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        raise ConfigError("\n".join(_message(e) for e in errors))
+        lines = [line for e in errors for line in _message(e).splitlines()]
+        raise ConfigError("\n".join(dict.fromkeys(lines)))
+    from snakemake.utils import validate
+
+    validate(config, str(Path(schema_path).resolve()), set_default=True)
     return config
 
 
@@ -70,7 +66,7 @@ def stage_recipe(config: dict, stage: str, checkpoint_of=lambda stage: f"results
     model, data = config["model"], config["data"]
     section = {k: v for k, v in config[stage].items() if k not in PLACEMENT_KEYS}
     root = Path(data[stage]["root"])
-    datasets = [{"annotation": str(root / d["annotation"]), "image_folder": str(root / d.get("image_folder", "."))}
+    datasets = [{"annotation": str(root / d["annotation"]), "image_folder": str(root / d["image_folder"])}
                 for d in data[stage]["datasets"]]
     previous = STAGE_INPUT[stage]
     return Recipe.from_dict({
@@ -82,5 +78,5 @@ def stage_recipe(config: dict, stage: str, checkpoint_of=lambda stage: f"results
     })
 
 
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
+def load_config(path: str | Path, schema_path: str | Path = SCHEMA) -> dict:
     return validate_config(yaml.safe_load(Path(path).read_text()), schema_path)

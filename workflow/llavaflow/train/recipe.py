@@ -1,4 +1,8 @@
-"""A training stage's recipe: every value that changes the result, read from the pipeline config."""
+"""A training stage's recipe: every value that changes the result, read from the pipeline config.
+
+The defaults below are the one source of defaults for the keys a config may omit (VOLATILE: bookkeeping and
+speed settings); the config schema requires every other key, so a preset never inherits a value silently.
+"""
 
 from __future__ import annotations
 
