@@ -26,4 +26,5 @@ rule all:
     input:
         "results/iter_hf",
         "results/iter_llava",
+        "results/iter_gguf",
         "results/report/mmbench_summary.tsv",
