@@ -127,13 +127,20 @@ def _llm_plan(folder: Path, qtype: QT) -> tuple[Plan, int]:
     return plan, n_vocab
 
 
-def write_llm(folder: Path, path: Path, dtype: str, template_name: str = "phi3_chat") -> None:
+def _check_llm(folder: Path) -> None:
+    if not (folder / "config.json").exists():
+        raise ConversionError(f"{folder}: no config.json; the GGUF export needs iter_xtuner with its LLM")
+    model_type = read_json(folder / "config.json").get("model_type")
+    if model_type != "phi3":
+        raise ConversionError(f"{folder}/config.json: model_type is {model_type!r}; the GGUF export reads the "
+                              "Phi-3 LLM of iter_xtuner (arch phi3)")
+
+
+def write_llm(folder: Path, path: Path, dtype: str, template_name: str = "phi3_chat", name: str = GENERAL_NAME) -> None:
     from transformers import AutoConfig
 
+    _check_llm(folder)
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "phi3":
-        raise ConversionError(f"{folder}/config.json: model_type is {config.model_type!r}; the GGUF export reads "
-                              "the Phi-3 LLM of iter_xtuner (arch phi3)")
     qtype, file_type = DTYPES[dtype]
     plan, n_vocab = _llm_plan(folder, qtype)
     vocab = read_vocab(folder, n_vocab)
@@ -145,7 +152,7 @@ def write_llm(folder: Path, path: Path, dtype: str, template_name: str = "phi3_c
     rotary = int(getattr(config, "partial_rotary_factor", 1.0) * head_dim)
 
     def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_name(GENERAL_NAME)
+        w.add_name(name)
         w.add_context_length(config.max_position_embeddings)
         w.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
                                         or config.max_position_embeddings)
@@ -275,8 +282,7 @@ def to_gguf(xtuner_folder: str | Path, save_path: str | Path, *, dtype: str = "f
         raise ConversionError(f"gguf dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     quantize = list(dict.fromkeys(quantize))
     check_quantizer(quantize)  # before any work: a missing llama.cpp or a bad type fails up front
-    if not (folder / "config.json").exists():
-        raise ConversionError(f"{folder}: no config.json; the GGUF export needs iter_xtuner with its LLM")
+    _check_llm(folder)
     get_template(template_name)
     llm, mmproj = f"llm-{dtype}.gguf", f"mmproj-{'f32' if dtype == 'f32' else 'f16'}.gguf"
     with atomic_folder(out) as tmp:
