@@ -100,7 +100,8 @@ def main():
     print(json.dumps({"bench": "gguf_size", "dtype": args.dtype, "input_gb": round(_bytes(folder) / 1e9, 2),
                       "output_gb": round(_bytes(out) / 1e9, 2), "copy_s": round(copy_s, 1),
                       "to_gguf_s": round(convert_s, 1), "ratio_to_copy": round(convert_s / copy_s, 2),
-                      "peak_rss_gb": round(rss_kb / 1e6, 2)}))
+                      "peak_rss_gb": round(rss_kb / 1e6, 2),
+                      "files_gb": {p.name: round(p.stat().st_size / 1e9, 3) for p in sorted(out.glob("*.gguf"))}}))
     shutil.rmtree(out)
 
 
