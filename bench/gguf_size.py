@@ -71,10 +71,28 @@ def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _load_in_llama_cpp(python: str, out: Path, work: Path, dtype: str) -> dict:
+    import numpy as np
+
+    np.save(work / "rgb.npy", np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    mmproj = "f32" if dtype == "f32" else "f16"
+    job = {"model": str(out / f"llm-{dtype}.gguf"), "tokenize": ["<|user|>\nHi<|end|>\n<|assistant|>\n"],
+           "mtmd": {"mmproj": str(out / f"mmproj-{mmproj}.gguf"), "rgb": str(work / "rgb.npy"),
+                    "prompt": "<|user|>\n<__media__>\nWhat is it?<|end|>\n<|assistant|>\n"}}
+    (work / "job.json").write_text(json.dumps(job))
+    subprocess.run([python, str(ROOT / "tests" / "gguf_probe.py"), str(work / "job.json"), str(work / "res.npz")],
+                   check=True, capture_output=True)
+    with np.load(work / "res.npz") as res:
+        return {"llama_cpp_n_vocab": int(res["n_vocab"]), "mtmd_image_embd_shape": list(res["image_embd"].shape),
+                "mtmd_embd_finite": bool(np.isfinite(res["image_embd"]).all())}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", default="/tmp/llavaflow-gguf-bench")
     p.add_argument("--dtype", default="f16")
+    p.add_argument("--llama-python", help="a Python with llama-cpp-python (the tests' cached venv): also load both "
+                   "files in llama.cpp and encode a 336-px image with libmtmd (tests/gguf_probe.py)")
     args = p.parse_args()
     work = Path(args.work)
     folder = work / "iter_xtuner"
@@ -97,7 +115,8 @@ def main():
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    print(json.dumps({"bench": "gguf_size", "dtype": args.dtype, "input_gb": round(_bytes(folder) / 1e9, 2),
+    loaded = _load_in_llama_cpp(args.llama_python, out, work, args.dtype) if args.llama_python else {}
+    print(json.dumps({**loaded, "bench": "gguf_size", "dtype": args.dtype, "input_gb": round(_bytes(folder) / 1e9, 2),
                       "output_gb": round(_bytes(out) / 1e9, 2), "copy_s": round(copy_s, 1),
                       "to_gguf_s": round(convert_s, 1), "ratio_to_copy": round(convert_s / copy_s, 2),
                       "peak_rss_gb": round(rss_kb / 1e6, 2),
