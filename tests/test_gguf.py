@@ -63,10 +63,14 @@ def llama_python() -> Path:
     tmp = venv.with_name(f"{venv.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
     env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    _run_group(["nice", "-n", "10", str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", LLAMA_CPP],
-               env=env, timeout=3 * 3600)
+    try:  # ~35 min on 2 busy cores, once
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        _run_group(["nice", "-n", "10", str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", LLAMA_CPP],
+                   env=env, timeout=3 * 3600)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(venv, ignore_errors=True)  # a broken earlier build of ours
     os.replace(tmp, venv)
     return python
