@@ -134,6 +134,7 @@ def test_llm_gguf_metadata_tensors_and_vocab(exports, which):
     for t in ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"):
         assert types[tok.convert_tokens_to_ids(t)] == gguf.TokenType.CONTROL, t
     assert types[tok.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
+    assert types[tok.bos_token_id] == types[tok.convert_tokens_to_ids("</s>")] == gguf.TokenType.CONTROL
     assert types[len(tok):] == [gguf.TokenType.UNUSED] * (config.vocab_size - len(tok))
     assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_token_id == 1
     assert kv["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>")

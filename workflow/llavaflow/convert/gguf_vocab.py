@@ -93,14 +93,11 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
             tokens += [f"[PAD{j}]" for j in range(len(tokens), i + 1)]
             scores += [-1000.0] * (i + 1 - len(scores))
             types += [TokenType.UNUSED] * (i + 1 - len(types))
-        if i < 3 and tokens[i] == added["content"]:
-            continue  # <unk> <s> </s> keep their SentencePiece types (UNKNOWN / CONTROL)
+        if tokens[i] == added["content"] and types[i] in (TokenType.UNKNOWN, TokenType.CONTROL):
+            continue  # <unk> <s> </s> of a tokenizer.model keep their SentencePiece types
         tokens[i] = added["content"]
         scores[i] = -1000.0
         types[i] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-    for i, t in enumerate(tokens):
-        if i < 3 and types[i] == TokenType.NORMAL and t in ("<s>", "</s>"):
-            types[i] = TokenType.CONTROL
     if len(tokens) > n_vocab:
         raise ConversionError(f"{folder}: the tokenizer has {len(tokens)} tokens, the embedding only {n_vocab} rows")
     pad = n_vocab - len(tokens)
