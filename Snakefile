@@ -38,4 +38,5 @@ rule all:
     input:
         "results/iter_hf",
         "results/iter_llava",
+        "results/iter_gguf",
         "results/report/mmbench_summary.tsv",

@@ -99,3 +99,27 @@ rule export_hf:
         "llavaflow convert to_hf --text_model_id {input.llm} --vision_model_id {input.xtuner}/visual_encoder"
         " --projector_weight {input.xtuner}/projector/model.safetensors --save_path {output}"
         " --dtype {params.dtype} > {log} 2>&1"
+
+
+rule export_gguf:
+    input:
+        "results/iter_xtuner",
+    output:
+        directory("results/iter_gguf"),
+    log:
+        "results/logs/export_gguf.log",
+    benchmark:
+        "results/benchmarks/export_gguf.tsv"
+    params:
+        dtype=config["gguf"]["dtype"],
+        quantize=" ".join(config["gguf"]["quantize"]),
+        code=CONVERT_CODE,
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    conda:
+        "../envs/llavaflow.yaml"
+    shell:
+        "llavaflow convert to_gguf {input} {output} --dtype {params.dtype} --quantize {params.quantize}"
+        " > {log} 2>&1"

@@ -29,7 +29,8 @@ def dag(tmp_path_factory):
 
 def test_whole_dag_runs_and_the_model_answers_from_the_image(dag):
     res = dag / "results"
-    for out in ("iter_xtuner", "iter_xtuner_llama_llm", "iter_llava", "iter_hf", "report/mmbench_summary.tsv"):
+    for out in ("iter_xtuner", "iter_xtuner_llama_llm", "iter_llava", "iter_hf", "iter_gguf/llm-f32.gguf",
+                "report/mmbench_summary.tsv"):
         assert (res / out).exists(), out
     table = pd.read_csv(res / "report" / "mmbench_summary.tsv", sep="\t").set_index("dataset")
     for dataset in ("MMBench_DEV_EN", "MMBench_DEV_CN", "CCBench"):
@@ -77,7 +78,7 @@ def changed_config(tmp_path, section, key, value):
     return path
 
 
-AFTER_FINETUNE = {"finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "mmbench_eval", "mmbench_predict",
+AFTER_FINETUNE = {"finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "export_gguf", "mmbench_eval", "mmbench_predict",
                   "report"}
 
 
@@ -108,7 +109,7 @@ def test_edited_conversion_module_reruns_the_conversions(dag, code):
     module = code / "llavaflow" / "convert" / "tables.py"
     module.write_text(module.read_text() + "\n# an edit\n")
     assert scheduled(dag, code=code) == {
-        "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "mmbench_eval", "mmbench_predict", "report"}
+        "pth_to_hf", "phi_to_llama", "export_hf", "export_llava", "export_gguf", "mmbench_eval", "mmbench_predict", "report"}
 
 
 def test_touched_but_unchanged_files_do_not_retrain(dag, code):

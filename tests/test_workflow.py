@@ -47,7 +47,7 @@ def test_dag_of_the_real_recipe(tmp_path):
         "export_hf": 1}
     assert dag_jobs(tmp_path, "all") == {
         "download_data": 2, "download_mmbench": 5, "check_data": 2, "pretrain": 1, "finetune": 1, "pth_to_hf": 1,
-        "mmbench_eval": 3, "mmbench_predict": 2, "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "report": 1,
+        "mmbench_eval": 3, "mmbench_predict": 2, "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "export_gguf": 1, "report": 1,
         "all": 1}
     assert dag_jobs(tmp_path, "results/iter_llava") == {
         "download_data": 2, "check_data": 2, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "phi_to_llama": 1,
@@ -57,7 +57,7 @@ def test_dag_of_the_real_recipe(tmp_path):
 def test_dag_of_the_tiny_preset(tmp_path):
     assert dag_jobs(tmp_path, "all", "tiny.yaml") == {
         "build_tiny_assets": 1, "pretrain": 1, "finetune": 1, "pth_to_hf": 1, "mmbench_eval": 3, "mmbench_predict": 1,
-        "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "report": 1, "all": 1}
+        "phi_to_llama": 1, "export_hf": 1, "export_llava": 1, "export_gguf": 1, "report": 1, "all": 1}
 
 
 def test_every_file_a_job_writes_is_declared(tmp_path):

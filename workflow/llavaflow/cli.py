@@ -103,6 +103,13 @@ def cmd_export(args) -> None:
         to_llava(*common, mm_vision_tower=tower, dtype=args.dtype, max_shard_size=args.max_shard_size, **kw)
 
 
+def cmd_to_gguf(args) -> None:
+    from .convert.gguf import to_gguf
+
+    to_gguf(args.xtuner_folder, args.save_path, dtype=args.dtype, quantize=args.quantize,
+            template_name=args.prompt_template, overwrite=args.overwrite)
+
+
 def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="checkpoint and format conversions (xtuner's argument names)")
     conv = c.add_subparsers(dest="conversion", required=True)
@@ -142,6 +149,14 @@ def _add_convert(sub) -> None:
         if fmt == "to_llava":
             p.add_argument("--mm_vision_tower", help="hub id or folder LLaVA builds the tower from (default: vision_model_id)")
         p.set_defaults(func=cmd_export, format=fmt)
+    p = conv.add_parser("to_gguf", help="xtuner folder (Phi-3 LLM) -> GGUF LLM + mmproj (+ quantized, Modelfile) for llama.cpp/Ollama")
+    p.add_argument("xtuner_folder", help="results/iter_xtuner: LLM, visual_encoder/, projector/")
+    p.add_argument("save_path")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="LLM tensor type (mmproj: f32 if f32, else f16)")
+    p.add_argument("--quantize", nargs="*", default=[], help="llama.cpp quantized variants, e.g. Q4_K_M Q8_0 (needs llama-cpp-python or llama-quantize)")
+    p.add_argument("--prompt-template", default="phi3_chat")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_path")
+    p.set_defaults(func=cmd_to_gguf)
 
 
 def _dtype(name: str, device: str):
