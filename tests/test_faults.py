@@ -73,8 +73,8 @@ def test_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     junk.write_bytes(random.Random(0).randbytes(4096))
     args = ["convert", "pth_to_hf", str(junk), str(tmp_path / "out"), "--llm", "org/llm", "--visual-encoder", "org/vit"]
     r = cli(*args)
-    err = [ln for ln in r.stderr.splitlines() if " INFO " not in ln and "torchvision" not in ln]
-    assert r.returncode == 1 and err == [
+    # the error is the last line (log lines of the work done before it may precede it)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1:] == [
         f"llavaflow convert: error: {junk}: not a checkpoint (not a file written by torch.save: it starts with "
         f"{junk.read_bytes()[:4]!r}) (--debug shows the traceback)"]
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
@@ -108,7 +108,15 @@ def test_missing_model_folder_is_not_called_a_bad_repo_id(tmp_path, capsys):
     assert "argument --llm: /no/such/llm: no such folder (a hub repo id looks like 'org/name')" in capsys.readouterr().err
 
 
-def test_benchmark_file_errors_name_the_file(tmp_path, capsys):
+def test_unknown_download_section_is_named(tmp_path):
+    from llavaflow.cli import main
+
+    config = ROOT / "config" / "config.yaml"
+    with pytest.raises(SystemExit, match=rf"{config} has no downloads.nope section \(it has: .*mmbench"):
+        main(["download", "--root", str(tmp_path), "--config", str(config), "--section", "nope"])
+
+
+def test_empty_benchmark_and_bad_repo_id_are_explained(tmp_path):
     from llavaflow.cli import explain
     from llavaflow.eval.mmbench_data import BenchmarkError, read_benchmark
 
