@@ -132,7 +132,9 @@ def test_empty_benchmark_and_bad_repo_id_are_explained(tmp_path):
 
 # ---- kill -9 at random points, then rerun: the result of an uninterrupted run, nothing left behind ----
 
-KILLS = random.Random(14)  # seeded: the same kill points on every run of the suite
+def kill_points(test: str) -> random.Random:
+    """Seeded per test: the same kill points on every run, whichever tests are selected."""
+    return random.Random(f"issue-14/{test}")
 
 
 def start(args, **kw):
@@ -180,13 +182,14 @@ def test_download_killed_at_random_points_resumes_to_the_same_files(tmp_path):
     entries = json.dumps([
         {"dest": "data.tar.gz", "url": url + "/data.tar.gz", "md5": hashlib.md5(archive).hexdigest(), "extract": True},
         {"dest": "t.tsv", "url": url + "/t.tsv", "sha256": hashlib.sha256(table).hexdigest()}])
+    kills = kill_points("download")
     try:
         run([sys.executable, "-m", "llavaflow.cli", "download", "--root", str(tmp_path / "ref"), "--entries", entries])
         root = tmp_path / "killed"
         part = root / "t.tsv.part"
         for _ in range(3):  # each kill lands at a random fraction of what is left of the file
             have = part.stat().st_size if part.exists() else 0
-            goal = have + KILLS.uniform(0.05, 0.8) * (len(table) - have)
+            goal = have + kills.uniform(0.05, 0.8) * (len(table) - have)
             proc = start(["download", "--root", str(root), "--entries", entries])
             wait_for(lambda: part.exists() and part.stat().st_size >= goal, proc, "download progress")
             kill_tree(proc)
@@ -207,13 +210,14 @@ def test_conversion_killed_at_random_points_reruns_to_the_same_folder(converted,
     began = time.time()
     assert main(args[:3] + [str(ref / "iter_xtuner")] + args[3:]) == 0  # the uninterrupted run, in this process
     window = time.time() - began  # at most this long is the folder being written: the kills land inside it
+    kills = kill_points("conversion")
     for k in range(2):
         parent = tmp_path / f"killed{k}"
         parent.mkdir()
         out = parent / "iter_xtuner"
         proc = start(args[:3] + [str(out)] + args[3:])
         if wait_for(lambda: any(parent.glob(".iter_xtuner.tmp-*")), proc, "temporary folder"):
-            time.sleep(KILLS.uniform(0, window))
+            time.sleep(kills.uniform(0, window))
         kill_tree(proc)
         assert not out.exists() or tree(out) == tree(ref / "iter_xtuner")  # all or nothing, never half a folder
         if not out.exists():
@@ -237,9 +241,10 @@ def test_evaluation_killed_at_random_points_resumes_to_the_same_results(converte
     rows = len((tmp_path / "ref" / "cache" / "predictions.rank0.jsonl").read_text().splitlines())
     work = tmp_path / "killed"
     cache = work / "cache" / "predictions.rank0.jsonl"
+    kills = kill_points("evaluation")
     for _ in range(2):
         have = len(cache.read_text().splitlines()) if cache.exists() else 0
-        goal = have + int(KILLS.uniform(0.1, 0.7) * (rows - have))
+        goal = have + int(kills.uniform(0.1, 0.7) * (rows - have))
         proc = start([*args, "--work-dir", str(work)])
         wait_for(lambda: cache.exists() and cache.read_text().count("\n") >= goal, proc, "predictions")
         kill_tree(proc)
@@ -254,8 +259,7 @@ def test_evaluation_killed_at_random_points_resumes_to_the_same_results(converte
 
 
 def test_training_killed_at_random_points_resumes_to_the_same_weights(tiny, tmp_path):
-    from llavaflow.model.checkpoint import load_state_dict
-    from test_train import TRAIN, recipe, torchrun
+    from test_train import load_state_dict, recipe, torchrun
 
     src = tiny["data"] / "finetune" / "conversations.jsonl"
     (tmp_path / "subset.jsonl").write_text("".join(src.read_text().splitlines(keepends=True)[:16]))
@@ -264,11 +268,14 @@ def test_training_killed_at_random_points_resumes_to_the_same_weights(tiny, tmp_
     torchrun(1, rec, tmp_path / "ref_work", tmp_path / "ref")
     total = 16
     work, out = tmp_path / "work", tmp_path / "out"
-    for _ in range(2):  # at a random iteration: inside a step, a metrics write or a checkpoint save
-        kill_at = KILLS.randint(1, total - 1)
+    kills = kill_points("training")
+    # Once before the first checkpoint (iteration 3: the rerun starts afresh, so the metrics of the killed
+    # iterations must go), once after it; each at a random iteration, inside a step, a write or a save.
+    for kill_at in (kills.randint(1, 2), kills.randint(4, total - 1)):
         metrics = work / "metrics.jsonl"
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                                 TRAIN, "--recipe", json.dumps(rec), "--work-dir", str(work), "--output", str(out)],
+                                 "-m", "llavaflow.cli", "train", "--recipe", json.dumps(rec), "--work-dir", str(work),
+                                 "--output", str(out)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= kill_at, proc, "iterations")
