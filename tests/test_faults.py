@@ -197,7 +197,7 @@ def test_download_killed_at_random_points_resumes_to_the_same_files(tmp_path):
     finally:
         srv.shutdown()
     resumed = [int(r[6:-1]) for p, r in srv.log if p == "/t.tsv" and r]
-    assert len([b for b in resumed if 0 < b < len(table)]) >= 2, f"reruns did not resume mid-file: {resumed}"
+    assert any(0 < b < len(table) for b in resumed), f"no rerun resumed mid-file: {resumed}"
     assert tree(root) == tree(tmp_path / "ref")  # same files, same bytes; no .part or .bad left behind
 
 
