@@ -220,6 +220,8 @@ def test_acc_csv_has_one_row_per_split_in_vlmevalkits_bytes(tsv, tmp_path):
     expected = vlmevalkit_report_acc(circular_hits(table)).to_csv(index=False, quoting=csv.QUOTE_ALL)
     assert got == expected.encode()  # what pandas.to_csv writes for VLMEvalKit: same bytes, NaN as ""
     assert [r["split"] for r in summary["acc_rows"]] == ["dev", "test"]
+    assert None in summary["acc_rows"][1].values()  # a category with no question in the test split
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert summary["circular"]["split"] == "all"
 
 

@@ -32,15 +32,17 @@ def circular_hits(table: pd.DataFrame) -> pd.DataFrame:
     return mains.assign(hit=hits.reindex(mains.index).astype(int)).reset_index()
 
 
-def _mean(hits: pd.Series) -> float:
-    return float(hits.mean()) if len(hits) else float("nan")  # an empty cell, as VLMEvalKit's np.mean of nothing
+def _mean(hits: pd.Series) -> float | None:
+    # None where there is nothing to average: VLMEvalKit's np.mean of nothing is NaN, which its csv writes
+    # as an empty cell (and which is not valid JSON in summary.json).
+    return float(hits.mean()) if len(hits) else None
 
 
 def breakdown(rows: pd.DataFrame, split: str, l2_names=None, categories=None) -> dict:
     """{split, Overall, <L2 abbreviations>, <categories>} as VLMEvalKit's _acc.csv row.
 
     The column set comes from the whole file (l2_names, categories), so every split's row has the same
-    columns; a category absent from this split is NaN, as in VLMEvalKit's report_acc.
+    columns; a category absent from this split is None (NaN in VLMEvalKit's report_acc).
     """
     if l2_names is None and "l2-category" in rows.columns:
         l2_names = sorted(rows["l2-category"].dropna().unique())
@@ -88,12 +90,12 @@ def score(table: pd.DataFrame) -> dict:
 
 
 def write_acc_csv(path: Path, rows: list[dict]) -> None:
-    """VLMEvalKit `_acc.csv` as its pandas to_csv writes it: QUOTE_ALL, LF line ends, NaN as "", fractions."""
+    """VLMEvalKit `_acc.csv` as its pandas to_csv writes it: QUOTE_ALL, LF line ends, NaN (None) as "", fractions."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
         w.writerow(list(rows[0]))
         for row in rows:
-            w.writerow(["" if isinstance(v, float) and v != v else v for v in row.values()])
+            w.writerow(["" if v is None else v for v in row.values()])
 
 
 def xtuner_result(circular: dict, has_l2: bool) -> dict:
