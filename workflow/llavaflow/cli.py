@@ -259,6 +259,29 @@ def _add_mmbench(sub) -> None:
     m.set_defaults(func=cmd_mmbench)
 
 
+def cmd_report(args) -> None:
+    import pandas as pd
+
+    from .report import ReportError, report_results
+
+    out = Path(args.out) if args.out else Path(args.results) / "summary"
+    try:
+        paths = report_results(args.results, out)
+    except ReportError as e:
+        raise SystemExit(f"llavaflow report: {e}") from None
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        for name in ("mmbench_table", "runtimes_table"):
+            print(pd.read_csv(paths[name], sep="\t").to_string(index=False), end="\n\n")
+    print("\n".join(f"{name}: {path}" for name, path in paths.items() if not name.endswith("_table")))
+
+
+def _add_report(sub) -> None:
+    r = sub.add_parser("report", help="the summary (tables, figures, summary.html) of a finished results folder")
+    r.add_argument("results", help="a finished run's results folder (e.g. results)")
+    r.add_argument("--out", help="where to write it (default: RESULTS/summary)")
+    r.set_defaults(func=cmd_report)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavaflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -280,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
     _add_mmbench(sub)
     _add_chat(sub)
     _add_download(sub)
+    _add_report(sub)
     return p
 
 
