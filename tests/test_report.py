@@ -76,21 +76,33 @@ SHOW_RESULTS = """<script>
 window.addEventListener("load", async () => {
   const names = %s, sizes = {};
   const pause = (ms) => new Promise((r) => setTimeout(r, ms));
-  for (const name of names) {
-    const key = Object.keys(results).find((k) => k.endsWith(name));
-    if (!key) { sizes[name] = "missing"; continue; }
-    app.setView({content: "img", contentPath: results[key].data_uri, resultPath: key});
-    for (let i = 0; i < 100; i++) {
-      const img = document.querySelector("#app img[src^='data:image']");
-      if (img && img.complete && img.getAttribute("src") === results[key].data_uri) {
-        sizes[name] = [img.naturalWidth, img.naturalHeight]; break;
+  try {
+    for (let i = 0; i < 100 && !app; i++) await pause(100);  // the React app registers itself once mounted
+    for (const name of names) {
+      const key = Object.keys(results).find((k) => k.endsWith(name));
+      if (!key) { sizes[name] = "missing"; continue; }
+      app.setView({content: "img", contentPath: results[key].data_uri, resultPath: key});
+      for (let i = 0; i < 100; i++) {
+        const img = [...document.images].find((im) => im.getAttribute("src") === results[key].data_uri);
+        if (img && img.complete) {
+          sizes[name] = [img.naturalWidth, img.naturalHeight];
+          break;
+        }
+        await pause(100);
       }
-      await pause(100);
     }
+  } catch (err) {
+    sizes.error = String(err);
   }
   document.body.setAttribute("data-figure-sizes", JSON.stringify(sizes));
 });
 </script>"""
+
+
+def with_script(html: str, script: str) -> str:
+    """The page with a script before its last </body> (bundled libraries hold the string too)."""
+    head, tail = html.rsplit("</body>", 1)
+    return head + script + "</body>" + tail
 
 
 def check_snakemake_report(chromium, report: Path, figures: list[str], tmp: Path) -> dict:
@@ -99,7 +111,7 @@ def check_snakemake_report(chromium, report: Path, figures: list[str], tmp: Path
     html = report.read_text()
     assert html.lstrip().lower().startswith("<!doctype html>") and "var results" in html
     driver = tmp / "driven_report.html"
-    driver.write_text(html.replace("</body>", SHOW_RESULTS % json.dumps(figures) + "</body>"))
+    driver.write_text(with_script(html, SHOW_RESULTS % json.dumps(figures)))
     dom = browse(chromium, driver, tmp / "profile-dom", "--dump-dom")
     found = re.search(r'data-figure-sizes="([^"]*)"', dom)
     assert found, "the report page did not finish rendering (no data-figure-sizes on <body>)"
@@ -108,7 +120,7 @@ def check_snakemake_report(chromium, report: Path, figures: list[str], tmp: Path
         assert isinstance(sizes.get(name), list) and min(sizes[name]) > 100, (name, sizes)
     for name in figures:  # one figure on screen at a time, as a user clicking through the report sees it
         one = tmp / f"show_{name}.html"
-        one.write_text(html.replace("</body>", SHOW_RESULTS % json.dumps([name]) + "</body>"))
+        one.write_text(with_script(html, SHOW_RESULTS % json.dumps([name])))
         shot = tmp / f"{name}.screenshot.png"
         browse(chromium, one, tmp / f"profile-{name}", f"--screenshot={shot}")
         assert plot_pixels(shot) > 2000, f"{name}: the screenshot shows no plot"
@@ -195,10 +207,10 @@ def test_summary_page_renders_in_headless_chromium(finished, chromium, tmp_path)
     run([sys.executable, "-m", "llavaflow.cli", "report", str(finished), "--out", str(out)])
     page = out / "summary.html"
     probe = tmp_path / "probe.html"  # the page plus a script recording each image's natural size once loaded
-    probe.write_text(page.read_text().replace("</body>", """<script>
+    probe.write_text(with_script(page.read_text(), """<script>
 window.addEventListener("load", () => document.body.setAttribute("data-sizes",
   JSON.stringify([...document.images].map((i) => [i.alt, i.naturalWidth, i.naturalHeight]))));
-</script></body>"""))
+</script>"""))
     dom = browse(chromium, probe, tmp_path / "profile-dom", "--dump-dom")
     sizes = json.loads(re.search(r'data-sizes="([^"]*)"', dom).group(1).replace("&quot;", '"'))
     assert [s[0] for s in sizes] == ["training", "mmbench", "runtimes"] and all(min(s[1:]) > 100 for s in sizes), sizes
