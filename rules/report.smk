@@ -1,4 +1,5 @@
-# One table of every evaluation, for people and for `snakemake --report`.
+# The run's summary for people and for `snakemake --report`: tables and matplotlib figures, written by
+# llavaflow.report (the same code as `llavaflow report RESULTS_DIR`).
 
 
 rule report:
@@ -9,14 +10,18 @@ rule report:
         benchmarks=every_benchmark,
     output:
         mmbench=report("results/report/mmbench_summary.tsv", caption="../workflow/report/mmbench.rst", category="Evaluation"),
-        curves=report("results/report/training_curves.svg", caption="../workflow/report/curves.rst", category="Training"),
+        categories=report("results/report/mmbench_categories.png", caption="../workflow/report/categories.rst",
+                          category="Evaluation"),
+        curves=report("results/report/training_curves.png", caption="../workflow/report/curves.rst", category="Training"),
         runtimes=report("results/report/stage_runtimes.tsv", caption="../workflow/report/runtimes.rst", category="Runtime"),
+        runtimes_figure=report("results/report/stage_runtimes.png", caption="../workflow/report/runtimes.rst",
+                               category="Runtime"),
     log:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
     params:
-        code=code_hash("report.py"),
+        code=code_hash("report.py", "eval/score.py"),
     localrule: True
     threads: 1
     resources:
@@ -25,7 +30,6 @@ rule report:
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "llavaflow report --out {output.mmbench} --curves {output.curves}"
-        " --runtimes {output.runtimes} --metrics pretrain={input.pretrain}/metrics.jsonl"
-        " finetune={input.finetune}/metrics.jsonl --benchmarks {input.benchmarks} --summaries {input.summaries}"
-        " > {log} 2>&1"
+        "llavaflow report --out results/report"
+        " --metrics pretrain={input.pretrain}/metrics.jsonl finetune={input.finetune}/metrics.jsonl"
+        " --benchmarks {input.benchmarks} --summaries {input.summaries} > {log} 2>&1"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, activated_env, run
+from test_report import chromium  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,19 @@ def test_whole_dag_runs_and_the_model_answers_from_the_image(dag):
         assert (res / "logs" / f"{name}.log").exists() and (res / "benchmarks" / f"{name}.tsv").exists()
     metrics = [json.loads(line) for line in (res / "finetune" / "final.pth" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] / 5
+
+
+def test_snakemake_report_shows_the_figures_in_headless_chromium(dag, chromium, tmp_path):
+    from test_report import check_snakemake_report
+
+    report = tmp_path / "report.html"
+    snakemake(dag, "--report", str(report))
+    assert report.read_bytes()[:2] != b"PK"  # a self-contained HTML page, not a zip
+    for name in ("training_curves.png", "mmbench_categories.png", "stage_runtimes.png"):
+        assert (dag / "results" / "report" / name).is_file()
+    sizes = check_snakemake_report(chromium, report, ["training_curves.png", "mmbench_categories.png",
+                                                      "stage_runtimes.png"], tmp_path)
+    assert sizes["training_curves.png"][1] > sizes["training_curves.png"][0]  # a column per stage, a row per metric
 
 
 def test_unchanged_rerun_does_nothing(dag):

@@ -287,25 +287,6 @@ def _add_download(sub) -> None:
     c.set_defaults(func=cmd_check_data)
 
 
-def cmd_report(args) -> None:
-    from .report import stage_runtimes, training_curves_svg, write_mmbench_table
-
-    write_mmbench_table(args.summaries, args.out)
-    training_curves_svg(dict(m.split("=", 1) for m in args.metrics), args.curves)
-    stage_runtimes(args.benchmarks, args.runtimes)
-
-
-def _add_report(sub) -> None:
-    r = sub.add_parser("report", help="the run's tables: MMBench scores, training curves, runtime of each job")
-    r.add_argument("--out", required=True, help="TSV of every evaluation's scores")
-    r.add_argument("--curves", required=True, help="SVG of the training losses")
-    r.add_argument("--runtimes", required=True, help="TSV of each job's wall time and peak memory")
-    r.add_argument("--metrics", nargs="+", required=True, help="STAGE=metrics.jsonl")
-    r.add_argument("--benchmarks", nargs="+", required=True, help="Snakemake benchmark TSVs")
-    r.add_argument("--summaries", nargs="+", required=True, help="the evaluations' summary.json files")
-    r.set_defaults(func=cmd_report)
-
-
 def _add_mmbench(sub) -> None:
     m = sub.add_parser("mmbench", help="evaluate on an MMBench/CCBench TSV (xtuner mmbench's arguments)")
     m.add_argument("model_name_or_path", type=_folder, help="the xtuner-style folder (results/iter_xtuner)")
@@ -323,6 +304,41 @@ def _add_mmbench(sub) -> None:
     m.add_argument("--torch-dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
     m.add_argument("--no-fast-path", action="store_true", help="always decode to the end (for comparisons)")
     m.set_defaults(func=cmd_mmbench)
+
+
+def cmd_report(args) -> None:
+    import pandas as pd
+
+    from .report import ReportError, render_report, report_results
+
+    if args.metrics:  # the report rule: its inputs named by the DAG
+        if not (args.out and args.benchmarks and args.summaries):
+            raise SystemExit("llavaflow report: --metrics needs --out, --benchmarks and --summaries")
+        render_report(metrics=dict(m.split("=", 1) for m in args.metrics), summaries=args.summaries,
+                      benchmarks=args.benchmarks, out_dir=args.out)
+        return
+    if not args.results:
+        raise SystemExit("llavaflow report: give a finished results folder (or --metrics/--benchmarks/--summaries)")
+    out = Path(args.out) if args.out else Path(args.results) / "summary"
+    try:
+        paths = report_results(args.results, out)
+    except ReportError as e:
+        raise SystemExit(f"llavaflow report: {e}") from None
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        for name in ("mmbench_table", "runtimes_table"):
+            print(pd.read_csv(paths[name], sep="\t").to_string(index=False), end="\n\n")
+    print("\n".join(f"{name}: {path}" for name, path in paths.items() if not name.endswith("_table")))
+
+
+def _add_report(sub) -> None:
+    r = sub.add_parser("report", help="the summary (tables, figures, summary.html) of a finished results folder")
+    r.add_argument("results", nargs="?", help="a finished run's results folder (e.g. results)")
+    r.add_argument("--out", help="where to write it (default: RESULTS/summary)")
+    # What the report rule passes instead of RESULTS: the files its DAG inputs name.
+    r.add_argument("--metrics", nargs="+", help="STAGE=metrics.jsonl")
+    r.add_argument("--benchmarks", nargs="+", help="Snakemake benchmark TSVs")
+    r.add_argument("--summaries", nargs="+", help="the evaluations' summary.json files")
+    r.set_defaults(func=cmd_report)
 
 
 def parser() -> argparse.ArgumentParser:
