@@ -3,8 +3,8 @@
 Each gets the recipe once (hyperparameters / params / config) and every metrics.jsonl row as scalars at
 step = iteration. Rank 0 only. Where they write follows each tool's own convention:
   tensorboard  event files in <work dir>/tensorboard (steps after a resume point are purged on resume)
-  mlflow       MLFLOW_TRACKING_URI, else a file store in <work dir>/mlruns; experiment MLFLOW_EXPERIMENT_NAME
-               or "llavaflow"
+  mlflow       MLFLOW_TRACKING_URI, else a file store in <work dir>/mlruns (MLFLOW_ALLOW_FILE_STORE=true set
+               for it); experiment MLFLOW_EXPERIMENT_NAME or "llavaflow"
   wandb        WANDB_PROJECT (default "llavaflow"), WANDB_MODE (e.g. offline), run files under <work dir>/wandb
 The libraries are the optional `tracking` extra; naming a tracker whose library is missing fails up front.
 """
@@ -56,6 +56,9 @@ class MLflowTracker:
 
         self.mlflow = mlflow
         if "MLFLOW_TRACKING_URI" not in os.environ:
+            # A file store beside the run needs no database packages (mlflow-skinny); MLflow 3 asks for
+            # this opt-in before it serves one.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((work_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "llavaflow"))
         self.run = mlflow.start_run(run_name=run_name)
