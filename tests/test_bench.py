@@ -28,17 +28,17 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     lines = [json.loads(line) for line in (out / "gpu_suite.jsonl").read_text().splitlines()]
     assert lines == [json.loads(line) for line in proc.stdout.splitlines()]
     by_name = {line["measurement"]: line for line in lines}
-    assert list(by_name) == ["env", "packed_loss", "e2e_finetune_plain", "e2e_finetune_all", "e2e_pretrain_plain",
-                             "e2e_pretrain_all", "mmbench", "total"]
+    assert list(by_name) == ["env", "packed_loss", "e2e_finetune_all", "e2e_pretrain_all", "mmbench", "total"]
     assert not [line for line in lines if "error" in line] and by_name["total"]["failed"] == 0
     assert by_name["env"]["torch"] and by_name["env"]["deepspeed"] and by_name["env"]["device"] == "cpu"
     packed = by_name["packed_loss"]
     assert packed["equal"] and packed["varlen_attn"] is False and packed["loss_rel_diff"] < 1e-4  # exact path on CPU
-    for name in ("e2e_finetune_plain", "e2e_finetune_all", "e2e_pretrain_plain", "e2e_pretrain_all"):
+    for name in ("e2e_finetune_all", "e2e_pretrain_all"):
         assert by_name[name]["tokens_per_s"] > 0 and by_name[name]["model_tflops_per_s"] > 0, by_name[name]
-    assert by_name["e2e_finetune_all"]["packing"] is True and by_name["e2e_finetune_plain"]["packing"] is False
+        assert by_name[name]["packing"] is True and by_name[name]["fused_loss"] is True, by_name[name]
+    assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
     assert by_name["mmbench"]["fast_stage_rows_per_s"] > 0
-    assert (out / "logs" / "e2e_finetune_plain.log").exists()
+    assert (out / "logs" / "e2e_finetune_all.log").exists()
 
 
 def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
