@@ -12,15 +12,33 @@ from llavaflow.model.sizes import CLIP_VIT_L_336, PHI3_MINI_4K, build_reference_
 H100_BF16_PEAK = 989.4e12  # dense bf16 (NVIDIA H100 SXM datasheet)
 
 
-def build_model(small: bool = False, attn: str = "sdpa"):
-    """(model, device, dtype): bf16 on a GPU, fp32 on a CPU; `small`: 2-layer stand-ins of the same widths."""
+def build_model(small: bool = False, attn: str = "sdpa", tiny: bool = False):
+    """(model, device, dtype): bf16 on a GPU, fp32 on a CPU; `small`: 2-layer stand-ins of the same widths;
+    `tiny`: 2 layers of width 64 (Phi-3's vocabulary, CLIP's 336-pixel 14-patch grid), for CPU smoke tests."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layers = 2 if small else None
-    model = build_reference_llava(device, llm_layers=layers, vit_layers=layers, attn=attn)
+    if tiny:
+        model = build_tiny_llava(device, attn)
+    else:
+        layers = 2 if small else None
+        model = build_reference_llava(device, llm_layers=layers, vit_layers=layers, attn=attn)
     return model.to(dtype), device, dtype
+
+
+def build_tiny_llava(device: str, attn: str):
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
+
+    from llavaflow.model.build import new_projector
+    from llavaflow.model.llava import LlavaModel
+
+    narrow = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    phi = Phi3Config(**{**PHI3_MINI_4K, **narrow, "num_key_value_heads": 4}, attn_implementation=attn)
+    vit = CLIPVisionConfig(**{**CLIP_VIT_L_336, **narrow}, attn_implementation=attn)
+    with torch.device(device):
+        return LlavaModel(Phi3ForCausalLM(phi), CLIPVisionModel(vit), new_projector(64, 64, 2))
 
 
 def device_name() -> str:

@@ -58,8 +58,9 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=90)
     p.add_argument("--subset", type=int, default=256)
     p.add_argument("--small", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="2 layers of width 64, for a quick CPU smoke test")
     args = p.parse_args()
-    model, device, dtype = build_model(args.small)
+    model, device, dtype = build_model(args.small, tiny=args.tiny)
     model.eval()
     model.llm.generation_config.eos_token_id = None
     transform = ImageTransform(CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),

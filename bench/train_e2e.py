@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red green blue black white shape circle square image colour left right top bottom what which".split()
 
 
-def build_assets(work: Path, samples: int, small: bool) -> None:
+def build_assets(work: Path, samples: int, small: bool, tiny: bool = False) -> None:
     import torch
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -48,7 +48,7 @@ def build_assets(work: Path, samples: int, small: bool) -> None:
         (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if not (work / "llm" / "config.json").exists():
         tokenizer = build_tokenizer(work / "llm", [" ".join(WORDS)] * 50, seed=0)
-        model, _, _ = build_model(small)
+        model, _, _ = build_model(small, tiny=tiny)
         model.llm.config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                                  "pad_token_id": tokenizer.pad_token_id})
         model.llm.to(torch.bfloat16).save_pretrained(work / "llm")
@@ -59,7 +59,9 @@ def build_assets(work: Path, samples: int, small: bool) -> None:
 
 def windowed_rate(records: list[dict], skip: int) -> dict:
     """Rates between iteration `skip` and the last one, from the loop's cumulative figures."""
-    a, b = records[skip - 1], records[-1]
+    # rows come every log_interval iterations: the window starts at the last row by `skip`
+    a = ([r for r in records if r["iter"] <= skip] or records[:1])[-1]
+    b = records[-1]
     dt = b["elapsed_s"] - a["elapsed_s"]
 
     def delta(key):
@@ -82,10 +84,13 @@ def main():
     p.add_argument("--skip", type=int, default=10, help="iterations left out of the rate (warm-up, compilation)")
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe speed settings (JSON values)")
+    p.add_argument("--log-interval", type=int, default=1, help="metrics rows (and loss syncs) every this many iterations")
     p.add_argument("--small", action="store_true", help="2-layer stand-ins, for a CPU smoke test")
+    p.add_argument("--tiny", action="store_true", help="2 layers of width 64, for a quick CPU smoke test")
+    p.add_argument("--run-name", default=None, help="folder of this run under --work (default run-<stage>)")
     args = p.parse_args()
 
-    build_assets(args.work, args.samples, args.small)
+    build_assets(args.work, args.samples, args.small, args.tiny)
     recipe = {
         "stage": args.stage, "llm": str(args.work / "llm"), "visual_encoder": str(args.work / "vit"),
         "datasets": [{"annotation": str(args.work / "data" / "train.jsonl"), "image_folder": str(args.work / "data")}],
@@ -94,12 +99,12 @@ def main():
         "accumulative_counts": 1, "lr": 2e-5, "epochs": 1, "max_length": 2048,
         "sampler": "length_grouped" if args.stage == "finetune" else "shuffle",
         "gradient_checkpointing": args.stage == "finetune", "save_steps": 10**9, "save_total_limit": 1,
-        "num_workers": args.num_workers, "log_interval": 1,
+        "num_workers": args.num_workers, "log_interval": args.log_interval,
     }
     for item in args.set:
         key, _, value = item.partition("=")
         recipe[key] = json.loads(value)
-    run = args.work / ("run-" + args.stage)
+    run = args.work / (args.run_name or "run-" + args.stage)
     subprocess.run(["rm", "-rf", str(run)], check=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "llavaflow.cli", "train", "--recipe", json.dumps(recipe),
@@ -108,8 +113,9 @@ def main():
     records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
     defaults = Recipe(stage="", llm="", visual_encoder="", datasets=[], train=[])
     speed = {k: recipe.get(k, getattr(defaults, k)) for k in ("gradient_checkpointing", "checkpoint_every_n_layers",
-                                                              "packing", "fused_loss", "fused_optimizer", "compile")}
-    print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small,
+                                                              "packing", "fused_loss", "fused_optimizer", "compile",
+                                                              "offload_optimizer")}
+    print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small or args.tiny,
                       "micro_batch": args.micro_batch, **speed, **windowed_rate(records, args.skip)}))
 
 

@@ -2,6 +2,8 @@
 
 import json
 import sys
+import time
+from pathlib import Path
 
 from conftest import ROOT, run
 
@@ -13,3 +15,48 @@ def test_padding_bench_shows_length_grouping_cutting_padding():
     # Synthetic mix, micro-batch 8: a random batch pads ~26 % of its rows; xtuner's megabatch grouping ~1 %.
     assert 0.2 < rows["shuffle"]["padding_fraction"] < 0.3
     assert rows["length_grouped"]["padding_fraction"] < 0.03
+
+
+def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
+    """bench/gpu_suite.py --small: the GPU suite's plumbing end to end on width-64 stand-ins (seconds on an
+    idle 2-core machine), so a lent GPU never meets a broken script."""
+    out = tmp_path / "out"
+    # Generous limits: the point is the plumbing, and a shared CI machine may be slow.
+    proc = run([sys.executable, "gpu_suite.py", "--small", "--out", str(out), "--work", str(tmp_path / "work"),
+                "--budget-s", "780", "--timeout-scale", "4"],
+               cwd=ROOT / "bench", env={"OMP_NUM_THREADS": "1"})
+    lines = [json.loads(line) for line in (out / "gpu_suite.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(line) for line in proc.stdout.splitlines()]
+    by_name = {line["measurement"]: line for line in lines}
+    assert list(by_name) == ["env", "packed_loss", "e2e_finetune_all", "e2e_pretrain_all", "mmbench", "total"]
+    assert not [line for line in lines if "error" in line] and by_name["total"]["failed"] == 0
+    assert by_name["env"]["torch"] and by_name["env"]["deepspeed"] and by_name["env"]["device"] == "cpu"
+    packed = by_name["packed_loss"]
+    assert packed["equal"] and packed["varlen_attn"] is False and packed["loss_rel_diff"] < 1e-4  # exact path on CPU
+    for name in ("e2e_finetune_all", "e2e_pretrain_all"):
+        assert by_name[name]["tokens_per_s"] > 0 and by_name[name]["model_tflops_per_s"] > 0, by_name[name]
+        assert by_name[name]["packing"] is True and by_name[name]["fused_loss"] is True, by_name[name]
+    assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
+    assert by_name["mmbench"]["fast_stage_rows_per_s"] > 0
+    assert (out / "logs" / "e2e_finetune_all.log").exists()
+
+
+def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    failed = suite.run_one("broken", [sys.executable, "-c", "import sys; print('{\"a\": 1}'); sys.exit(3)"], 30, tmp_path)
+    assert failed[0] == {"measurement": "broken", "a": 1, "seconds": failed[0]["seconds"]}
+    assert failed[1]["error"] == "exit status 3"
+    # A hang, with a grandchild in a session of its own (as torchrun's ranks are): both are killed.
+    hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); print(p.pid, flush=True); time.sleep(60)")
+    hung = suite.run_one("hung", [sys.executable, "-c", hang], 2, tmp_path)
+    assert hung[0]["error"] == "timed out after 2 s" and hung[0]["seconds"] < 10
+    grandchild = int(hung[0]["log_tail"].split()[0])
+    time.sleep(0.5)
+    assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+    ok = suite.run_one("ok", [sys.executable, "-c", "print('{\"b\": 2}')"], 30, tmp_path)
+    assert ok == [{"measurement": "ok", "b": 2, "seconds": ok[0]["seconds"]}]

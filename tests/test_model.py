@@ -5,6 +5,7 @@ import torch
 
 from llavaflow.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llavaflow.model.build import build_llava
+from llavaflow.model.llava import trainable_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,10 @@ def test_trainable_parts_and_checkpoint_filter(tiny):
     m = build_llava(str(tiny["llm"]), str(tiny["vit"]))
     m.set_trainable(["projector"])
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"projector"}
-    assert set(m.state_dict()) == {"projector.model.0.weight", "projector.model.0.bias",
+    assert set(trainable_state_dict(m)) == {"projector.model.0.weight", "projector.model.0.bias",
                                    "projector.model.2.weight", "projector.model.2.bias"}
     m.set_trainable(["llm", "visual_encoder", "projector"])
-    keys = set(m.state_dict())
+    keys = set(trainable_state_dict(m))
     assert "llm.model.layers.0.self_attn.qkv_proj.weight" in keys and "llm.lm_head.weight" in keys
     assert any(k.startswith("visual_encoder.") for k in keys)
     with pytest.raises(ValueError, match="unknown model parts"):

@@ -26,7 +26,7 @@ def _load_recipe(value: str, overrides: str | None = None):
 def cmd_train(args) -> None:
     from .train.loop import train
 
-    train(_load_recipe(args.recipe, args.set), args.work_dir, args.output)
+    train(_load_recipe(args.recipe, args.set), work_dir=args.work_dir, output=args.output)
 
 
 def cmd_build_tiny(args) -> None:

@@ -16,8 +16,7 @@ from .packing import VARLEN, pack_rows, register_varlen_attention
 class LlavaModel(nn.Module):
     """xtuner's LLaVAModel without mmengine: `llm`, `visual_encoder`, `projector` sub-modules.
 
-    state_dict() holds only the trainable parts (xtuner's filter), so checkpoints of a stage carry
-    exactly what that stage changed: `projector.*` after pretrain, everything after fine-tune.
+    state_dict() is torch's, the whole model; trainable_state_dict() below is what a stage's checkpoint holds.
     """
 
     def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: nn.Module, visual_select_layer: int = -2):
@@ -70,12 +69,6 @@ class LlavaModel(nn.Module):
     def enable_fused_loss(self) -> None:
         """Training forward computes the loss from hidden states with the fused, chunked lm_head + CE."""
         self.fused_loss = True
-
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        keep = tuple(f"{prefix}{p}." for p in self.trainable_parts)
-        return type(full)((k, v) for k, v in full.items() if k.startswith(keep))
 
     # --- forward -----------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -178,3 +171,10 @@ class LlavaModel(nn.Module):
         embeds, emask, _, _ = self.splice(padded, mask, None, feats, padding_side="left")
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=emask.long(), **generate_kwargs)
         return out.tolist()
+
+
+def trainable_state_dict(model: LlavaModel) -> dict[str, torch.Tensor]:
+    """The tensors of the parts that train (xtuner's checkpoint filter): what a stage's checkpoint carries,
+    `projector.*` after pretrain, everything after fine-tune."""
+    keep = tuple(f"{p}." for p in model.trainable_parts)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}

@@ -1,16 +1,19 @@
 """The training loop: one readable loop over micro-iterations on a DeepSpeed ZeRO engine.
 
 Launched by torchrun (any number of ranks, GPU with NCCL or CPU with gloo). Resumes from the newest
-iter_N.pth in the work dir; publishes the last checkpoint to `output` when the run completes.
+iter_N.pth in the work dir; publishes the last checkpoint to `output` when the run completes. As in
+nanoGPT, the loss stays on the device between log intervals: the only GPU syncs the loop adds are the
+all_reduce and .item() of each logged row.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ from ..model.checkpoint_reader import load_state_dict
 from ..template import get_template
 from . import resume_state
 from .flops import FlopModel
+from .metrics import MetricLogger
 from .recipe import Recipe
 from .schedule import lr_at
 
@@ -43,13 +47,18 @@ def _precision(recipe: Recipe, device: torch.device) -> str:
 
 
 def deepspeed_config(recipe: Recipe, world: int, precision: str) -> dict:
+    zero = {"stage": recipe.deepspeed_stage, "overlap_comm": precision != "fp32", "contiguous_gradients": True}
+    if recipe.offload_optimizer != "none":
+        # fp32 master weights, their gradients and the Adam moments live in host memory; the step runs
+        # there (our torch AdamW on the CPU partitions, hence zero_force_ds_cpu_optimizer off).
+        zero["offload_optimizer"] = {"device": recipe.offload_optimizer, "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.accumulative_counts,
         "train_batch_size": recipe.micro_batch_size * recipe.accumulative_counts * world,
         "gradient_clipping": recipe.max_norm,
-        "zero_optimization": {"stage": recipe.deepspeed_stage, "overlap_comm": precision != "fp32",
-                              "contiguous_gradients": True},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**12,
@@ -118,51 +127,100 @@ def _sample_sizes(batch: dict, patches: int) -> tuple[list[int], list[int]]:
     return tokens.tolist(), images.tolist()
 
 
-def train(recipe: Recipe, work_dir: str | Path, output: str | Path) -> None:
-    import deepspeed
-    from transformers import AutoTokenizer, CLIPImageProcessor
+@dataclass
+class Run:
+    """What a training stage holds while it runs: the engine, its data, and where it stands."""
 
+    recipe: Recipe
+    engine: object  # deepspeed.DeepSpeedEngine
+    dataset: LlavaDataset
+    sampler: object
+    work_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    patches: int  # image feature rows per image
+    flop_model: FlopModel
+    start: int  # first micro-iteration to run (resume point)
+    total: int
+    iters_per_epoch: int
+
+    def batches(self):
+        """(iteration, epoch, micro-batch) from `start` to `total`, the sampler skipping what already ran."""
+        loader = None
+        for it in range(self.start, self.total):
+            epoch, k = divmod(it, self.iters_per_epoch)
+            if loader is None or k == 0:
+                self.sampler.set_epoch(epoch, skip=k * self.recipe.micro_batch_size)
+                loader = iter(DataLoader(self.dataset, batch_size=self.recipe.micro_batch_size, sampler=self.sampler,
+                                         num_workers=self.recipe.num_workers, collate_fn=collate,
+                                         pin_memory=self.device.type == "cuda"))
+            yield it, epoch, next(loader)
+
+
+def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
+    """Run (or resume) one training stage into `work_dir`; publish its last checkpoint as `output`."""
     work_dir, output = Path(work_dir), Path(output)
+    validate(recipe)
     rank, world, device = init_distributed(group_of_one=True)
-    precision = _precision(recipe, device)
     fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage}
-    lock = resume_state.WorkDirLock(work_dir) if rank == 0 else None
-    if lock:
-        lock.__enter__()
-        resume_state.prepare_work_dir(work_dir, fingerprint)
-    torch.distributed.barrier()
-    try:
-        _seed_all(recipe.seed)
-        tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
-        image_processor = CLIPImageProcessor.from_pretrained(recipe.visual_encoder)
-        dataset = build_dataset(recipe, image_processor, tokenizer)
-        sampler = build_sampler(recipe, dataset, rank, world)
-        iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
-        total = iters_per_epoch * recipe.epochs
-
-        model = build_model(recipe)
-        patches = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, recipe, device)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                       config=deepspeed_config(recipe, world, precision))
-        start = _resume(engine, work_dir)
+    with ExitStack() as stack:
         if rank == 0:
-            print(f"{recipe.stage}: {len(dataset)} samples, {world} rank(s), {precision}, {total} iterations "
-                  f"({iters_per_epoch}/epoch), {sum(p.numel() for p in params):,} trainable parameters, "
-                  f"{'resuming at iteration ' + str(start) if start else 'starting fresh'}", flush=True)
-        _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
-             FlopModel.of(model))
-        if rank == 0 and any(dataset.bad_sample_counts().values()):  # on_bad_sample: skip
-            print(f"bad samples skipped or replaced (rank 0): {dataset.bad_sample_counts()}", flush=True)
+            stack.enter_context(resume_state.WorkDirLock(work_dir))
+            resume_state.prepare_work_dir(work_dir, fingerprint)
+        torch.distributed.barrier()
+        run = _prepare(recipe, work_dir, rank, world, device)
+        logger = None
+        if rank == 0:
+            logger = stack.enter_context(MetricLogger(work_dir, resume_at=run.start, report_to=recipe.report_to,
+                                                      params=recipe.to_dict(), run_name=f"{recipe.stage}-{work_dir.name}"))
+        _loop(run, logger)
+        if rank == 0 and any(run.dataset.bad_sample_counts().values()):  # on_bad_sample: skip
+            print(f"bad samples skipped or replaced (rank 0): {run.dataset.bad_sample_counts()}", flush=True)
         if rank == 0:
             _, last = resume_state.newest_checkpoint(work_dir)
             resume_state.publish(last, output, [work_dir / "metrics.jsonl"])
             print(f"published {last.name} as {output}", flush=True)
         torch.distributed.barrier()
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
+
+
+def validate(recipe: Recipe) -> None:
+    """Reject option combinations that cannot work, before any process group or model exists."""
+    from .tracking import check_trackers
+
+    check_trackers(recipe.report_to)
+    if recipe.offload_optimizer != "none" and recipe.deepspeed_stage not in (1, 2, 3):
+        raise ValueError(f"offload_optimizer: {recipe.offload_optimizer} needs deepspeed_stage 1, 2 or 3 "
+                         f"(DeepSpeed offloads ZeRO's optimizer partitions), not {recipe.deepspeed_stage}")
+
+
+def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torch.device) -> Run:
+    import deepspeed
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    precision = _precision(recipe, device)
+    _seed_all(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
+    image_processor = CLIPImageProcessor.from_pretrained(recipe.visual_encoder)
+    dataset = build_dataset(recipe, image_processor, tokenizer)
+    sampler = build_sampler(recipe, dataset, rank, world)
+    iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
+    total = iters_per_epoch * recipe.epochs
+
+    model = build_model(recipe)
+    patches = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, recipe, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(recipe, world, precision))
+    start = _resume(engine, work_dir)
+    if rank == 0:
+        print(f"{recipe.stage}: {len(dataset)} samples, {world} rank(s), {precision}, {total} iterations "
+              f"({iters_per_epoch}/epoch), {sum(p.numel() for p in params):,} trainable parameters, "
+              f"{'resuming at iteration ' + str(start) if start else 'starting fresh'}", flush=True)
+    return Run(recipe=recipe, engine=engine, dataset=dataset, sampler=sampler, work_dir=work_dir, rank=rank,
+               world=world, device=device, patches=patches, flop_model=FlopModel.of(model), start=start, total=total,
+               iters_per_epoch=iters_per_epoch)
 
 
 def _rng_state() -> dict:
@@ -183,77 +241,67 @@ def _resume(engine, work_dir: Path) -> int:
     found = resume_state.newest_checkpoint(work_dir)
     if found is None:
         return 0
-    n, path = found
+    _, path = found
     _, client = engine.load_checkpoint(str(work_dir), tag=path.name, load_module_strict=False)
     _set_rng_state(client["rng"])
-    # Drop metrics logged after the checkpoint: those iterations are about to run again.
-    metrics = work_dir / "metrics.jsonl"
-    if metrics.exists() and torch.distributed.get_rank() == 0:
-        kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["iter"] <= n]
-        metrics.write_text("".join(ln + "\n" for ln in kept))
     return client["iter"]
 
 
-def _save(engine, work_dir: Path, it: int, keep: int, rank: int) -> None:
+def _save(run: Run, it: int) -> None:
     tag = f"iter_{it}.pth"
     client = {"iter": it, "rng": _rng_state()}
-    engine.save_checkpoint(str(work_dir), tag=tag, client_state=client)
+    # Frozen parameters are left out (the stage's checkpoint holds what it trains, as
+    # llava.trainable_state_dict says; tests/test_train.py checks the two agree). They come back from the
+    # base weights on resume, and ZeRO does not copy them into the file as "frozen fragments" either.
+    run.engine.save_checkpoint(str(run.work_dir), tag=tag, client_state=client, exclude_frozen_parameters=True)
     torch.distributed.barrier()
-    if rank == 0:
-        (work_dir / tag / "complete").touch()
-        resume_state.prune_checkpoints(work_dir, keep)
+    if run.rank == 0:
+        (run.work_dir / tag / "complete").touch()
+        resume_state.prune_checkpoints(run.work_dir, run.recipe.save_total_limit)
     torch.distributed.barrier()
 
 
-def _run(engine, recipe, dataset, sampler, start, total, iters_per_epoch, work_dir, rank, world, device, patches,
-         flop_model: FlopModel):
-    bar = tqdm(total=total, initial=start, disable=rank != 0, desc=recipe.stage, dynamic_ncols=True,
+def _loop(run: Run, logger: MetricLogger | None) -> None:
+    recipe, engine, device = run.recipe, run.engine, run.device
+    bar = tqdm(total=run.total, initial=run.start, disable=run.rank != 0, desc=recipe.stage, dynamic_ncols=True,
                mininterval=1.0)
-    metrics = open(work_dir / "metrics.jsonl", "a") if rank == 0 else None
-    loader = None
     tokens, flops, samples, t0 = 0, 0.0, 0, time.perf_counter()
-    for it in range(start, total):
-        epoch, k = divmod(it, iters_per_epoch)
-        if loader is None or k == 0:
-            sampler.set_epoch(epoch, skip=k * recipe.micro_batch_size)
-            loader = iter(DataLoader(dataset, batch_size=recipe.micro_batch_size, sampler=sampler,
-                                     num_workers=recipe.num_workers, collate_fn=collate,
-                                     pin_memory=device.type == "cuda"))
-        batch = next(loader)
-        sizes, images = _sample_sizes(batch, patches)
+    loss_sum, losses, stepped = torch.zeros((), device=device), 0, False  # since the last logged row
+    for it, epoch, batch in run.batches():
+        sizes, images = _sample_sizes(batch, run.patches)  # from the CPU batch: no device sync
         tokens, samples = tokens + sum(sizes), samples + len(sizes)
-        flops += sum(flop_model.sample_flops(t, i) for t, i in zip(sizes, images))
+        flops += sum(run.flop_model.sample_flops(t, i) for t, i in zip(sizes, images))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = engine(**batch).loss
         engine.backward(loss)
-        lr = lr_at(it, total, recipe.lr, recipe.warmup_ratio)
+        lr = lr_at(it, run.total, recipe.lr, recipe.warmup_ratio)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        boundary = engine.is_gradient_accumulation_boundary()
+        stepped |= engine.is_gradient_accumulation_boundary()
         engine.step()
-        loss_value = loss.detach().float()
-        torch.distributed.all_reduce(loss_value)
-        loss_value = loss_value.item() / world
-        if rank == 0:
-            elapsed = time.perf_counter() - t0
-            rate = world / elapsed if elapsed > 0 else 0.0  # this rank's work x ranks: an estimate
-            tps = tokens * rate
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", tok_s=f"{tps:.0f}", refresh=False)
-            bar.update(1)
-            grad_norm = engine.get_global_grad_norm() if boundary else None
-            record = {"iter": it + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
-                      "samples_per_s": samples * rate, "mean_tokens_per_sample": tokens / samples,
-                      "model_tflops_per_s": flops * rate / 1e12, "elapsed_s": elapsed}
-            if device.type == "cuda":
-                record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics.write(json.dumps(record) + "\n")
-            if (it + 1) % recipe.log_interval == 0:
-                metrics.flush()
-        if (it + 1) % recipe.save_steps == 0 or it + 1 == total:
-            if metrics:
-                metrics.flush()
-            _save(engine, work_dir, it + 1, recipe.save_total_limit, rank)
+        loss_sum += loss.detach().float()
+        losses += 1
+        bar.update(1)
+        saving = (it + 1) % recipe.save_steps == 0 or it + 1 == run.total
+        if (it + 1) % recipe.log_interval == 0 or saving:
+            torch.distributed.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / run.world / losses
+            if logger:
+                elapsed = time.perf_counter() - t0
+                rate = run.world / elapsed if elapsed > 0 else 0.0  # this rank's work x ranks: an estimate
+                grad_norm = engine.get_global_grad_norm() if stepped else None
+                row = {"iter": it + 1, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens_per_s": tokens * rate, "samples_per_s": samples * rate,
+                       "mean_tokens_per_sample": tokens / samples, "model_tflops_per_s": flops * rate / 1e12,
+                       "elapsed_s": elapsed}
+                if device.type == "cuda":
+                    row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.log(row)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                refresh=False)
+            loss_sum.zero_()
+            losses, stepped = 0, False
+        if saving:
+            _save(run, it + 1)
     bar.close()
-    if metrics:
-        metrics.close()

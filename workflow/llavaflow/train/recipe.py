@@ -50,9 +50,12 @@ class Recipe:
     fused_loss: bool = False  # chunked lm_head + cross-entropy on labelled rows only
     fused_optimizer: bool | str = "auto"  # torch's fused AdamW; auto = on GPU
     compile: bool = False  # torch.compile each LLM and ViT block
+    offload_optimizer: str = "none"  # none | cpu: DeepSpeed keeps fp32 master + Adam moments in host memory
+    report_to: list = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
 
     VOLATILE = ("save_steps", "save_total_limit", "num_workers", "log_interval", "gradient_checkpointing",
-                "checkpoint_every_n_layers", "packing", "fused_loss", "fused_optimizer", "compile")
+                "checkpoint_every_n_layers", "packing", "fused_loss", "fused_optimizer", "compile",
+                "offload_optimizer", "report_to")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from ..atomic import atomic_output
 
@@ -47,23 +48,27 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> None:
 
 
 class WorkDirLock:
-    """An exclusive flock, so two jobs never train into the same work dir."""
+    """An exclusive lock beside the work dir, so two jobs never train into it at once.
+
+    filelock's FileLock takes an flock where the filesystem has one and falls back to a marker file
+    holding pid and host (stale once that process is gone) where flock fails with ENOSYS, as on Lustre
+    mounted without `-o flock`.
+    """
 
     def __init__(self, work_dir: Path):
         self.path = work_dir.with_name(work_dir.name + ".lock")
+        self._lock = FileLock(self.path, timeout=0)
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = open(self.path, "w")
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            self._lock.acquire()
+        except Timeout:
             raise RuntimeError(f"{self.path} is locked: another job is training into this work dir") from None
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        self.fd.close()
+        self._lock.release()
 
 
 def publish(checkpoint: Path, output: Path, extra_files: list[Path] = ()) -> None:

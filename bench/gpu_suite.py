@@ -1,0 +1,185 @@
+"""Every GPU measurement of issue 15 in one command (under 8 minutes on one H100/H200), as JSON lines.
+
+Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself;
+the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with each
+measurement's full log in <out>/logs/. Measurements run in order of importance and are skipped (said so in
+a line) once the time budget is spent, so the file always holds what finished.
+
+  env            torch / CUDA / GPU / transformers / DeepSpeed versions, whether varlen_attn is usable
+  packed_loss    the varlen_attn packed path's loss and gradient against the padded path (bf16 tolerance)
+  e2e_*          `llavaflow train` end to end at the real size (DeepSpeed ZeRO-2, JPEG loading, loop):
+                 fine-tune plain (the recipe: full checkpointing), each speed setting alone, all together;
+                 pretrain plain and all together; the fine-tune with offload_optimizer=cpu.
+                 tokens/s, model TFLOP/s, MFU (performance.md: 989.4 TFLOP/s), peak memory.
+  mmbench        MMBench_DEV_EN-sized evaluation (4329 rows): the fast stage at batch 64, and samples of
+                 batched generation and of batch 1
+
+  bash bench/gpu_suite.sh                  # on the GPU machine (installs bench/wheels/ first if needed)
+  python3 bench/gpu_suite.py --small       # CPU smoke run: width-64 stand-ins, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+FAST = {"packing": True, "fused_loss": True, "gradient_checkpointing": "selective", "compile": True}
+
+
+def env_line() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    from llavaflow.model import packing
+
+    line = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+            "varlen_attn_usable": packing.varlen_attn is not None}
+    for dist in ("transformers", "deepspeed", "llavaflow"):
+        try:
+            line[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            line[dist] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        line.update(device=props.name, gpus=torch.cuda.device_count(), memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+    else:
+        line.update(device="cpu", cpus=os.cpu_count())
+    return line
+
+
+def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
+    """(name, command, timeout in s), most important first."""
+    py = [sys.executable]
+    size = ["--tiny"] if small else []
+    if small:
+        e2e = ["--samples", "8", "--micro-batch", "2", "--skip", "2", "--num-workers", "0", "--log-interval", "2"]
+    else:  # 18 iterations of micro-batch 8; rates over the last 12 (warm-up and compilation left out)
+        e2e = ["--samples", "144", "--micro-batch", "8", "--skip", "6", "--num-workers", "8", "--log-interval", "6"]
+
+    def train(name, stage, settings, timeout):
+        sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+        cmd = py + [str(BENCH / "train_e2e.py"), "--work", str(work), "--stage", stage, "--run-name", name,
+                    *e2e, *size] + (["--set", *sets] if sets else [])
+        return (name, cmd, timeout)
+
+    # compile is left out of the CPU smoke run: inductor's C++ build takes minutes there
+    fast = {k: v for k, v in FAST.items() if not (small and k == "compile")}
+    steps = [("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
+             train("e2e_finetune_plain", "finetune", {}, 180),  # builds the assets first
+             train("e2e_finetune_all", "finetune", fast, 150),
+             train("e2e_pretrain_plain", "pretrain", {}, 90),
+             train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 120)]
+    if small:  # the smoke run: each stage once, with every setting, is all the plumbing there is
+        steps = [step for step in steps if not step[0].endswith("_plain")]
+    mmbench = py + [str(BENCH / "mmbench_speed.py")] + (["--tiny", "--rows", "16", "--batch", "8", "--subset", "4"]
+                                                         if small else ["--subset", "64"])
+    steps.append(("mmbench", mmbench, 180))
+    if not small:
+        steps += [train(f"e2e_finetune_{k}", "finetune", {k: v}, 150 if k == "compile" else 90) for k, v in FAST.items()]
+        steps.append(train("e2e_finetune_offload", "finetune", {"offload_optimizer": "cpu"}, 150))
+    return steps
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a measurement and everything under it: torchrun starts its ranks in sessions of their own,
+    so its process group alone would leave them running on the GPU."""
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_one(name: str, cmd: list[str], timeout: int, logs: Path | None) -> list[dict]:
+    """Its JSON lines, each tagged with the measurement; or one line saying how it failed."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a timeout kills torchrun's ranks too
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        output, _ = proc.communicate()
+        error = f"timed out after {timeout} s"
+    seconds = round(time.perf_counter() - t0, 1)
+    if logs:
+        (logs / f"{name}.log").write_text(" ".join(cmd) + "\n\n" + output)
+    lines = []
+    for text in output.splitlines():
+        if text.startswith("{"):
+            try:
+                lines.append({"measurement": name, **json.loads(text), "seconds": seconds})
+            except json.JSONDecodeError:
+                pass
+    if error or not lines:
+        tail = "\n".join(output.splitlines()[-15:])
+        lines.append({"measurement": name, "error": error or "no JSON line printed", "seconds": seconds, "log_tail": tail})
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="CPU smoke run with width-64 stand-ins")
+    p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                   help="folder for gpu_suite.jsonl and logs/ (default: $OUT)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/llavaflow-gpu-suite"), help="assets and runs")
+    p.add_argument("--budget-s", type=float, default=450, help="start no measurement after this many seconds")
+    p.add_argument("--only", nargs="*", help="run only these measurements")
+    p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every measurement's timeout (slow hosts)")
+    args = p.parse_args()
+
+    logs = None
+    if args.out:
+        logs = args.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+    sink = open(args.out / "gpu_suite.jsonl", "a") if args.out else None
+
+    def emit(line: dict) -> None:
+        text = json.dumps(line)
+        print(text, flush=True)
+        if sink:
+            sink.write(text + "\n")
+            sink.flush()
+
+    t0 = time.perf_counter()
+    try:
+        emit({"measurement": "env", **env_line()})
+    except Exception as e:  # the rest still runs
+        emit({"measurement": "env", "error": f"{type(e).__name__}: {e}"})
+    failed = 0
+    for name, cmd, timeout in plan(args.small, args.work):
+        if args.only and name not in args.only:
+            continue
+        left = args.budget_s - (time.perf_counter() - t0)
+        if left < 20:
+            emit({"measurement": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+            continue
+        for line in run_one(name, cmd, int(min(timeout * args.timeout_scale, left)), logs):
+            failed += "error" in line
+            emit(line)
+    emit({"measurement": "total", "seconds": round(time.perf_counter() - t0, 1), "failed": failed})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

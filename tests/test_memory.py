@@ -1,0 +1,78 @@
+"""The memory model (llavaflow.train.memory) against what torch really keeps: the tensors autograd saves
+for backward in a Phi-3 decoder layer and a CLIP encoder layer (tiny width, fp32 and bf16), the optimizer
+state DeepSpeed ZeRO-2 allocates for a tiny LLaVA, and the real architecture's parameters on the meta device."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, Phi3Config
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RotaryEmbedding
+
+from llavaflow.model.sizes import build_reference_llava
+from llavaflow.train.memory import GiB, Shapes, estimate, llm_layer_saved, vit_layer_saved
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes of the distinct storages autograd saves while fn runs (parameters left out)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_per_token_are_what_autograd_keeps(dtype):
+    torch.manual_seed(0)
+    cfg = Phi3Config(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8,
+                     num_hidden_layers=1, vocab_size=100, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                     attn_implementation="sdpa")
+    layer, tokens = Phi3DecoderLayer(cfg, 0).to(dtype), 64
+    x = torch.randn(1, tokens, 256, dtype=dtype, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    cos_sin = tuple(t.to(dtype) for t in Phi3RotaryEmbedding(cfg)(x, pos))
+    got = saved_bytes(lambda: layer(x, attention_mask=None, position_ids=pos, position_embeddings=cos_sin),
+                      layer.parameters())
+    rotary = 2 * 32 * dtype.itemsize  # cos and sin, head_dim 32: shared by every layer of a model
+    assert got == tokens * (llm_layer_saved(256, 512, 8, "none", dtype.itemsize) + rotary)
+
+    vit = CLIPEncoderLayer(CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                                            attn_implementation="sdpa")).to(dtype)
+    x = torch.randn(2, 50, 128, dtype=dtype, requires_grad=True)
+    got = saved_bytes(lambda: vit(x, None), vit.parameters())
+    # exact in fp32; in bf16 torch keeps LayerNorm's mean/rstd in fp32 per row, as the model counts (+-4 B/token)
+    assert got == pytest.approx(100 * vit_layer_saved(128, 512, 4, "none", dtype.itemsize), abs=100 * 8)
+
+
+def test_full_checkpointing_keeps_the_block_input_only():
+    cfg = Phi3Config(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8,
+                     num_hidden_layers=1, vocab_size=100, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                     attn_implementation="sdpa")
+    layer, tokens = Phi3DecoderLayer(cfg, 0), 64
+    x = torch.randn(1, tokens, 256, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    cos_sin = Phi3RotaryEmbedding(cfg)(x, pos)
+    got = saved_bytes(lambda: torch.utils.checkpoint.checkpoint(
+        layer, x, None, pos, position_embeddings=cos_sin, use_reentrant=False), layer.parameters())
+    assert got == tokens * (llm_layer_saved(256, 512, 8, "full", 4) + 8)  # + the int64 position ids
+
+
+def test_parameter_and_optimizer_state_counts():
+    # The real architecture on the meta device: 4.137B parameters (performance.md §1), 7.7 GiB in bf16.
+    shapes = Shapes.of(build_reference_llava("meta"))
+    assert shapes.params == shapes.trainable == pytest.approx(4.137e9, rel=1e-3)
+    est = estimate(shapes, tokens=8 * 1024, images=8, policy="full")
+    assert est.weights / GiB == pytest.approx(7.71, abs=0.01)
+    assert (est.master + est.adam) / GiB == pytest.approx(46.2, abs=0.1)  # 12 B per parameter
+    # Plain ZeRO-2 on one GPU: the optimizer step needs 20 B per parameter plus the reduce buckets, whatever
+    # the batch; CPU offload leaves the weights, buckets and activations on the GPU.
+    assert est.peak / GiB > 78  # of 79.6 GiB usable on an H100 80GB: no headroom for fragmentation or context
+    offload = estimate(shapes, tokens=8 * 1024, images=8, policy="full", offload_optimizer="cpu")
+    assert offload.peak / GiB < 40 and offload.host / GiB == pytest.approx(61.6, abs=0.1)
