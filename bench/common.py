@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-
-from llavaflow.model.sizes import CLIP_VIT_L_336, PHI3_MINI_4K, build_reference_llava  # noqa: E402
+from llavaflow.model.sizes import CLIP_VIT_L_336, PHI3_MINI_4K, build_reference_llava
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 (NVIDIA H100 SXM datasheet)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import CLIP_VIT_L_336, PHI3_MINI_4K  # (sets sys.path)
+from common import CLIP_VIT_L_336, PHI3_MINI_4K
 
 ROOT = Path(__file__).resolve().parents[1]
 

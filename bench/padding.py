@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 
-from common import device_name  # noqa: F401  (sets sys.path)
 
 from llavaflow.data.sampler import LengthGroupedSampler, ShuffleSampler
 
