@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 
-
 from llavaflow.data.sampler import LengthGroupedSampler, ShuffleSampler
 
 
