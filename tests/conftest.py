@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,15 @@ def converted(tiny, tmp_path_factory):
     return {"out": out, "state": state, "model": model.eval()}
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, installed with apt-get where missing (skipped only where apt cannot be used)."""
+    exe = shutil.which("chromium")
+    if exe:
+        return exe
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and apt-get is unavailable or not root: cannot install it")
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=1200,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("chromium")

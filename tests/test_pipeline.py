@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, activated_env, run
-from test_report import chromium  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ The browser helpers here are also used by tests/test_pipeline.py on the whole DA
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,20 +22,6 @@ PLOT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1400,1500")
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's chromium, installed with apt-get where missing (skipped only where apt cannot be used)."""
-    exe = shutil.which("chromium")
-    if exe:
-        return exe
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("chromium is not installed and apt-get is unavailable or not root: cannot install it")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        subprocess.run(cmd, check=True, capture_output=True, timeout=1200,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    return shutil.which("chromium")
 
 
 def browse(chromium, page: Path, profile: Path, *args: str, timeout: int = 180) -> str:
