@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 from filelock import FileLock
+
+from processes import run_in_group
 
 CACHE = Path(os.environ.get("LLAVAFLOW_CACHE", Path.home() / ".cache" / "llavaflow"))
 TORCH = "torch==2.13.0"
@@ -67,13 +68,5 @@ def run_consumer(python: Path, script: str, *args, timeout: int = 600) -> dict:
     """Run tests/consumers/<script> with that python; return the JSON object on its last stdout line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([str(python), str(CONSUMERS / script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group we started, nothing else
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    out, _ = run_in_group([str(python), str(CONSUMERS / script), *map(str, args)], env=env, timeout=timeout)
     return json.loads(out.strip().splitlines()[-1])

@@ -64,3 +64,18 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> list[int]:
         assert time.time() < deadline, f"processes {[p for p in stopped if _alive(p)]} survived SIGKILL"
         time.sleep(0.05)
     return sorted(stopped)
+
+
+def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float | None = None) -> tuple[str, str]:
+    """Run cmd in a session of its own and return (stdout, stderr); on timeout its whole group is killed
+    (pip with cmake and compilers, a browser with its helpers), nothing else. Fails on a non-zero exit."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, f"{cmd[:3]}… failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
+    return out, err

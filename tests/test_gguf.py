@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from processes import run_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "xtuner-0.2.0" / "converted" / "iter_4_xtuner"
@@ -38,16 +39,7 @@ MMPROJ_EMULATION_RTOL = 5e-3
 
 def _run_group(cmd, env=None, timeout=None):
     """Run in its own process group; on timeout the whole group (pip, cmake, compilers) is killed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-4000:]}"
-    return out
+    return run_in_group(cmd, env=env, timeout=timeout)[0]
 
 
 @pytest.fixture(scope="session")
