@@ -68,3 +68,10 @@ def converted(tiny, tmp_path_factory):
     return {"out": out, "state": state, "model": model.eval()}
 
 
+@pytest.fixture(scope="session")
+def dag(tmp_path_factory):
+    """The whole tiny DAG run locally from nothing, once per session (test_pipeline, and test_slurm's reference)."""
+    workdir = tmp_path_factory.mktemp("dag")
+    run([sys.executable, "-m", "snakemake", "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+         str(workdir), "--configfile", str(ROOT / "config" / "tiny.yaml")], timeout=1200)
+    return workdir
