@@ -111,12 +111,13 @@ def torchrun(ranks, nodes=1):
 def attempt_frame(stage):
     """Header and exit line of one attempt (retry, TIMEOUT, scancel, rerun): its number, host, SLURM job, start,
     exit status and wall time. The training shells append everything to the undeclared {log}.attempts, because
-    Snakemake deletes {log} before each attempt and writes the benchmark only for the one that succeeds."""
+    Snakemake deletes {log} before each attempt and writes the benchmark only for the one that succeeds. The
+    header starts on a new line: a killed attempt leaves its last progress line unfinished."""
 
     def frame(wildcards, resources):
         n = resources.attempt
         return (f"trap 'echo \"== attempt {n} of {stage} ended: exit $? after $SECONDS s\"' EXIT;"
-                f" echo \"== attempt {n} of {stage} started $(date -u +%FT%TZ) on $(hostname),"
+                f" echo; echo \"== attempt {n} of {stage} started $(date -u +%FT%TZ) on $(hostname),"
                 " SLURM job ${SLURM_JOB_ID:-none}\";")
 
     return frame
