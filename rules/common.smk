@@ -112,11 +112,11 @@ def attempt_frame(stage):
     """Header and exit line of one attempt (retry, TIMEOUT, scancel, rerun): its number, host, SLURM job, start,
     exit status and wall time. The training shells append everything to the undeclared {log}.attempts, because
     Snakemake deletes {log} before each attempt and writes the benchmark only for the one that succeeds. The
-    header starts on a new line: a killed attempt leaves its last progress line unfinished."""
+    frame lines start on a new line: progress bars leave theirs unfinished."""
 
     def frame(wildcards, resources):
         n = resources.attempt
-        return (f"trap 'echo \"== attempt {n} of {stage} ended: exit $? after $SECONDS s\"' EXIT;"
+        return (f"trap 'rc=$?; echo; echo \"== attempt {n} of {stage} ended: exit $rc after $SECONDS s\"' EXIT;"
                 f" echo; echo \"== attempt {n} of {stage} started $(date -u +%FT%TZ) on $(hostname),"
                 " SLURM job ${SLURM_JOB_ID:-none}\";")
 
