@@ -139,7 +139,7 @@ def test_tiny_dag_through_sbatch_gives_the_local_results(slurm_dag, dag, cluster
     pd.testing.assert_frame_equal(table, pd.read_csv(local / "results" / "report" / "mmbench_summary.tsv",
                                                      sep="\t").set_index("dataset"))
     attempts = (res / "logs" / "finetune.log.attempts").read_text()
-    assert attempts.startswith("== attempt 1 of finetune started ") and "SLURM job " in attempts
+    assert attempts.lstrip().startswith("== attempt 1 of finetune started ") and "SLURM job " in attempts
     assert "== attempt 1 of finetune ended: exit 0 after " in attempts
 
 
