@@ -264,7 +264,8 @@ StorageLoc=slurm_acct_db
             time.sleep(0.2)
 
     def logs_tail(self, n=2000):
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in sorted((self.root / "log").glob("*")))
+        logs = sorted((self.root / "log").glob("*"))
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in logs)
 
     def run(self, *cmd, check=True, timeout=60):
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
@@ -309,7 +310,8 @@ StorageLoc=slurm_acct_db
         return self
 
     def _nodes_idle(self):
-        states = dict(line.split() for line in self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.splitlines())
+        sinfo = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
+        states = dict(line.split() for line in sinfo.splitlines())
         return all(states.get(n) == "idle" for n in self.NODES)
 
     def cancel_all(self):

@@ -245,7 +245,8 @@ def test_pretrain_on_two_nodes_matches_two_local_ranks(slurm_dag, profile, clust
         outputs[name] = proc.stdout + proc.stderr
     [call] = sbatch_calls(outputs["two_nodes"], "pretrain")
     assert_readme_shows(call, runs["two_nodes"], cluster.account)
-    assert "srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:1 --kill-on-bad-exit=1 bash -c" in outputs["two_nodes"]
+    srun = "srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:1 --kill-on-bad-exit=1 bash -c"
+    assert srun in outputs["two_nodes"]
     job = [r for r in sacct("--format=JobIdRaw,Comment,State,NNodes,NodeList", "--starttime", "now-1days")
            if r[1] == "rule_pretrain"][-1]
     assert job[2:] == ["COMPLETED", "2", "llfnode[1-2]"], job
