@@ -112,16 +112,36 @@ def torchrun(ranks, nodes=1):
                 f" --nproc_per_node {ranks} --rdzv_backend c10d --rdzv_id \"$SLURM_JOB_ID\""
                 " --rdzv_endpoint \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1):29500\" \"$0\" \"$@\"")
         return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {cpus} --gres gpu:{ranks}"
-                f" --kill-on-bad-exit 1 bash -c '{step}'")
+                f" --kill-on-bad-exit=1 bash -c '{step}'")
 
     return launcher
 
 
+def attempt_frame(stage):
+    """Header and exit line of one attempt (retry, TIMEOUT, scancel, rerun): its number, host, SLURM job, start,
+    exit status and wall time. The training shells append everything to the undeclared {log}.attempts, because
+    Snakemake deletes {log} before each attempt and writes the benchmark only for the one that succeeds. The
+    frame lines start on a new line: progress bars leave theirs unfinished."""
+
+    def frame(wildcards, resources):
+        n = resources.attempt
+        return (f"trap 'rc=$?; echo; echo \"== attempt {n} of {stage} ended: exit $rc after $SECONDS s\"' EXIT;"
+                f" echo; echo \"== attempt {n} of {stage} started $(date -u +%FT%TZ) on $(hostname),"
+                " SLURM job ${SLURM_JOB_ID:-none}\";")
+
+    return frame
+
+
+def _attempt(wildcards, attempt):
+    return attempt
+
+
 def train_resources(stage, mem_mb, runtime):
     """Single node: gpu + nodes=1 (--gpus, --nodes=1). Several: per-node gres + an MPI-style job of one task
-    per node (tasks_per_gpu=0 keeps the plugin from adding --ntasks-per-gpu)."""
+    per node (tasks_per_gpu=0 keeps the plugin from adding --ntasks-per-gpu). `attempt` (1, 2, … with
+    retries) names each attempt in the log: no sbatch flag, and resources are never tracked for reruns."""
     s = config[stage]
-    res = {"mem_mb": mem_mb, "runtime": runtime, "nodes": s["nodes"]}
+    res = {"mem_mb": mem_mb, "runtime": runtime, "nodes": s["nodes"], "attempt": _attempt}
     if s["nodes"] == 1:
         return {**res, "gpu": s["gpus_per_node"]}
     return {**res, "gres": f"gpu:{s['gpus_per_node']}", "mpi": "srun", "tasks": s["nodes"], "tasks_per_gpu": 0}

@@ -17,14 +17,17 @@ rule pretrain:
         world=world_size("pretrain"),
         code=TRAIN_CODE,
         launcher=torchrun(config["pretrain"]["gpus_per_node"], config["pretrain"]["nodes"]),
+        attempt=attempt_frame("pretrain"),
     threads: 4
     resources:
         **train_resources("pretrain", mem_mb=64000, runtime=24 * 60),
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
-        " --work-dir results/pretrain/work_dir --output {output} > {log} 2>&1"
+        # every attempt is also appended to {log}.attempts, which Snakemake never deletes
+        "exec > >(tee -a {log}.attempts > {log}) 2>&1; {params.attempt}"
+        " {params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
+        " --work-dir results/pretrain/work_dir --output {output}"
 
 
 rule finetune:
@@ -42,11 +45,14 @@ rule finetune:
         world=world_size("finetune"),
         code=TRAIN_CODE,
         launcher=torchrun(config["finetune"]["gpus_per_node"], config["finetune"]["nodes"]),
+        attempt=attempt_frame("finetune"),
     threads: 4
     resources:
         **train_resources("finetune", mem_mb=128000, runtime=72 * 60),
     conda:
         "../envs/llavaflow.yaml"
     shell:
-        "{params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
-        " --work-dir results/finetune/work_dir --output {output} > {log} 2>&1"
+        # every attempt is also appended to {log}.attempts, which Snakemake never deletes
+        "exec > >(tee -a {log}.attempts > {log}) 2>&1; {params.attempt}"
+        " {params.launcher} -m llavaflow.cli train --recipe {params.recipe:q} --set {params.volatile:q}"
+        " --work-dir results/finetune/work_dir --output {output}"

@@ -88,3 +88,12 @@ def chromium():
         subprocess.run(cmd, check=True, capture_output=True, timeout=1200,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     return shutil.which("chromium")
+
+
+@pytest.fixture(scope="session")
+def dag(tmp_path_factory):
+    """The whole tiny DAG run locally from nothing, once per session (test_pipeline, and test_slurm's reference)."""
+    workdir = tmp_path_factory.mktemp("dag")
+    run([sys.executable, "-m", "snakemake", "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+         str(workdir), "--configfile", str(ROOT / "config" / "tiny.yaml")], timeout=3600)
+    return workdir

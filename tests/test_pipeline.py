@@ -20,13 +20,6 @@ def snakemake(workdir, *args, check=True):
                timeout=1200, check=check)
 
 
-@pytest.fixture(scope="module")
-def dag(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dag")
-    snakemake(workdir, "all")
-    return workdir
-
-
 def test_whole_dag_runs_and_the_model_answers_from_the_image(dag):
     res = dag / "results"
     for out in ("iter_xtuner", "iter_xtuner_llama_llm", "iter_llava", "iter_hf", "iter_gguf/llm-f32.gguf",

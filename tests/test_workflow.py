@@ -168,7 +168,7 @@ def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
     assert resources["nodes"] == "2" and resources["gres"] == "gpu:8" and resources["mpi"] == "srun"
     assert resources["tasks"] == "2" and resources["tasks_per_gpu"] == "0" and "gpu" not in resources
     shell = finetune.split("Shell command: ")[1].split("\n")[0]
-    assert shell.startswith("srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 --kill-on-bad-exit 1 bash -c ")
+    assert " srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gres gpu:8 --kill-on-bad-exit=1 bash -c " in shell
     assert '--nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node 8 --rdzv_backend c10d' in shell
     assert '"$0" "$@"\' -m llavaflow.cli train --recipe ' in shell
     pretrain = out.split("rule pretrain:")[1].split("resources: ")[1].split("\n")[0]
