@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
+
 from llavaflow.model.sizes import CLIP_VIT_L_336, PHI3_MINI_4K, build_reference_llava
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 (NVIDIA H100 SXM datasheet)
@@ -40,3 +45,16 @@ def device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def timed_llavaflow(*args: str) -> tuple[float, float]:
+    """Run `llavaflow ARGS` (this interpreter's) under /usr/bin/time -v: (wall seconds, peak RSS in GB).
+    Exits with its stderr when it fails."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llavaflow.cli", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return seconds, rss_kb / 1e6

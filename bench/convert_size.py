@@ -7,18 +7,14 @@ Writes a random-init LLaVA-Phi-3-mini fine-tune checkpoint (all 4.1B parameters,
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import CLIP_VIT_L_336, PHI3_MINI_4K
+from common import CLIP_VIT_L_336, PHI3_MINI_4K, timed_llavaflow
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_inputs(work: Path) -> Path:
@@ -61,17 +57,11 @@ def main():
 
     out = work / "iter_xtuner"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llavaflow.cli", "convert", "pth_to_hf", str(ckpt), str(out),
-           "--llm", str(work / "base_llm"), "--visual-encoder", str(work / "base_vit"), "--dtype", "bf16"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin"})
-    convert_s = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    convert_s, rss_gb = timed_llavaflow("convert", "pth_to_hf", str(ckpt), str(out), "--llm", str(work / "base_llm"),
+                                        "--visual-encoder", str(work / "base_vit"), "--dtype", "bf16")
     print(json.dumps({"bench": "convert_size", "checkpoint_gb": round(size / 1e9, 2), "copy_s": round(copy_s, 1),
                       "pth_to_hf_s": round(convert_s, 1), "ratio_to_copy": round(convert_s / copy_s, 2),
-                      "peak_rss_gb": round(rss_kb / 1e6, 2)}))
+                      "peak_rss_gb": round(rss_gb, 2)}))
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ ViT-L/14-336 fp32, 2-layer projector fp32; random weights, written tensor by ten
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import CLIP_VIT_L_336, PHI3_MINI_4K
+from common import CLIP_VIT_L_336, PHI3_MINI_4K, timed_llavaflow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,19 +105,12 @@ def main():
 
     out = work / "iter_gguf"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llavaflow.cli", "convert", "to_gguf", str(folder), str(out),
-           "--dtype", args.dtype]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "workflow"), "PATH": "/usr/bin:/bin"})
-    convert_s = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    convert_s, rss_gb = timed_llavaflow("convert", "to_gguf", str(folder), str(out), "--dtype", args.dtype)
     loaded = _load_in_llama_cpp(args.llama_python, out, work, args.dtype) if args.llama_python else {}
     print(json.dumps({**loaded, "bench": "gguf_size", "dtype": args.dtype, "input_gb": round(_bytes(folder) / 1e9, 2),
                       "output_gb": round(_bytes(out) / 1e9, 2), "copy_s": round(copy_s, 1),
                       "to_gguf_s": round(convert_s, 1), "ratio_to_copy": round(convert_s / copy_s, 2),
-                      "peak_rss_gb": round(rss_kb / 1e6, 2),
+                      "peak_rss_gb": round(rss_gb, 2),
                       "files_gb": {p.name: round(p.stat().st_size / 1e9, 3) for p in sorted(out.glob("*.gguf"))}}))
     shutil.rmtree(out)
 
