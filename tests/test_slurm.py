@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, run
+from conftest import ROOT, activated_env, run
 from slurm_cluster import SlurmCluster, Unavailable, install
 
 pytestmark = pytest.mark.slurm
@@ -123,7 +123,8 @@ def test_tiny_dag_through_sbatch_gives_the_local_results(slurm_dag, dag, cluster
     for rule in ("build_tiny_assets", "pretrain", "finetune", "pth_to_hf", "phi_to_llama", "export_hf", "export_llava"):
         assert any(f"--comment rule_{rule}" in c for c in calls), rule
         assert jobs.get(f"rule_{rule}") == "COMPLETED", (rule, jobs)
-    assert sum("--comment rule_mmbench_eval_wildcards_" in c for c in calls) == 4
+    assert sum("--comment rule_mmbench_eval_wildcards_" in c for c in calls) == 3  # the DEV sets and CCBench
+    assert sum("--comment rule_mmbench_predict_wildcards_" in c for c in calls) == 1  # MMBench_TEST_EN
     [finetune] = sbatch_calls(out, "finetune")
     assert_readme_shows(finetune, slurm_dag, cluster.account)
     res = slurm_dag / "results"
@@ -186,7 +187,8 @@ def test_finetune_timed_out_preempted_and_cancelled_resumes_every_time(slurm_dag
     ckpts = work / "results" / "finetune" / "work_dir"
     ours = lambda: {j: s for j, s in finetune_jobs().items() if j not in before}  # noqa: E731
     with open(tmp_path / "snakemake.out", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=activated_env())
     try:
         def saved_after(it, n_jobs):
             return lambda: len(ours()) == n_jobs and newest_iter(ckpts) > it

@@ -157,7 +157,7 @@ def test_checkpoint_reader_rejects_what_is_not_a_checkpoint(tiny, tmp_path):
         load_state_dict(tiny["llm"])
     corrupt = tmp_path / "iter_3.pth"
     corrupt.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_state_dict(corrupt)
     with pytest.raises(CheckpointError, match="not found"):
         load_state_dict(tmp_path / "nothing.pth")
@@ -204,7 +204,7 @@ def test_work_dir_lock_is_exclusive_even_without_flock(tmp_path, monkeypatch, fl
     import errno
     import fcntl
 
-    from llavaflow.train.checkpoints import WorkDirLock
+    from llavaflow.train.resume_state import WorkDirLock
 
     if flock == "ENOSYS":  # as on Lustre mounted without -o flock: filelock falls back to a pid/host marker
         def no_flock(*args):
