@@ -67,8 +67,9 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 60) -> list[int]:
 
 
 def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float | None = None) -> tuple[str, str]:
-    """Run cmd in a session of its own and return (stdout, stderr); on timeout its whole group is killed
-    (pip with cmake and compilers, a browser with its helpers), nothing else. Fails on a non-zero exit."""
+    """Run cmd in a session of its own and return (stdout, stderr). Its whole group is killed on timeout and
+    at the end (pip with cmake and compilers, a browser with the helpers it leaves behind), nothing else.
+    Fails on a non-zero exit."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -77,5 +78,10 @@ def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float | No
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert proc.returncode == 0, f"{cmd[:3]}… failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
     return out, err

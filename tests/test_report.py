@@ -4,10 +4,7 @@ The browser helpers here are also used by tests/test_pipeline.py on the whole DA
 """
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import run
+from processes import run_in_group
 
 # matplotlib's default colours (tab:blue, tab:orange, tab:green): pixels of drawn lines and bars.
 PLOT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
@@ -28,20 +26,7 @@ def browse(chromium, page: Path, profile: Path, *args: str, timeout: int = 180) 
     """Open a page in headless chromium (fresh profile) with extra args; returns stdout. Ends only its own group."""
     cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=30000", *args,
            page.resolve().as_uri()]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # helper processes left behind by the browser, if any
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    return run_in_group(cmd, timeout=timeout)[0]
 
 
 def plot_pixels(png: Path, tolerance: int = 12) -> int:
