@@ -106,6 +106,31 @@ def test_training_data_parses_with_pipeline_readers(tiny, tokenizer):
         assert item["pixel_values"].shape == (3, 56, 56)
 
 
+
+def test_multiple_choice_answers_name_the_shuffled_option_then_its_letter(tiny):
+    """What makes circular accuracy learnable: options in every order, answered "<option text> <letter>"."""
+    import re
+
+    from llavaflow.tiny import CN, COLOURS
+
+    ft, _ = read_annotations(tiny["data"] / "finetune" / "conversations.jsonl")
+    orders, letters, lookups = set(), set(), 0
+    for r in ft:
+        question, answer = r.conversations[0]["value"], r.conversations[1]["value"]
+        opts = dict(re.findall(r"^([A-D])\. (.+)$", question, flags=re.M))
+        if not opts:
+            continue
+        text, letter = answer.rsplit(" ", 1)
+        assert opts[letter] == text, (r.where, question, answer)
+        colours = [next(c for c in COLOURS if o in (c, CN[c])) for o in opts.values()]
+        if r.image is None:
+            lookups += 1
+            assert text in question.splitlines()[0], r.where  # the named colour is the answer
+        orders.add(tuple(colours))
+        letters.add(letter)
+    assert letters == set("ABCD") and lookups > 100
+    assert len(orders) > 40  # of the 60 ordered choices of 2-4 colours out of 4
+
 @pytest.mark.parametrize("dataset", TINY_DATASETS)
 def test_benchmark_tsvs_have_the_real_layout(tiny, dataset):
     df = read_benchmark(tiny["mmbench"] / f"{dataset}.tsv")

@@ -4,12 +4,13 @@ Everything is built from a fixed seed in seconds on a CPU. The data is about pic
 shapes (colour, shape, count, side), written in the real formats: LLaVA JSON captions for pretrain,
 JSONL conversations for fine-tune, MMBench/CCBench TSVs with base64 images and circular copies.
 
-What a 2-layer model learns in a CPU minute shaped the benchmark: its multiple-choice questions all ask
-for the colour (phrased per category), with 2, 3 or 4 options that list the first colours of COLOURS in
-that order; circular copies rotate them as in MMBench. Mapping colour -> letter is learnt in a few
-hundred steps; conditioning the letter on the question kind as well (colour vs shape vs count) or
-matching option texts after rotation took a model this small thousands of steps without success.
-Open questions about every attribute stay in the fine-tune data.
+The benchmark's multiple-choice questions ask for the colour (phrased per category) among 2, 3 or 4
+colours in a random order, and circular copies rotate them as MMBench does, so only matching the
+picture's colour to an option's text scores. The fine-tune data teaches that with shuffled options and
+answers that name the matching option, then its letter ("blue C"): a 2-layer model learns the letter
+that follows a word it has just written in about 1000 steps, but not the bare letter, which needs the
+colour and the lookup in one position (no progress in 3000 steps; measured for #18). Text-only lookups
+("Which option is blue?") train the second step on its own. Open questions about every attribute stay.
 """
 
 from __future__ import annotations
@@ -111,14 +112,17 @@ def _cn(word: str) -> str:
     return CN[word]
 
 
-def colour_options(n: int) -> list[str]:
-    """The first n colours, in order: 2, 3 or 4 options as the benchmark's main rows list them."""
-    return list(COLOURS)[:n]
+def mc_options(rng: random.Random, answer: str) -> list[str]:
+    """2, 3 or 4 colours in a random order, the answer among them."""
+    others = rng.sample([c for c in COLOURS if c != answer], rng.choice((1, 2, 3, 3)))
+    opts = [answer, *others]
+    rng.shuffle(opts)
+    return opts
 
 
-def colour_scene(rng: random.Random, n_options: int) -> Scene:
-    scene = random_scene(rng)
-    return Scene(rng.choice(colour_options(n_options)), scene.shape, scene.count, scene.side, scene.size)
+def mc_answer(option: str, letter: str) -> str:
+    """The fine-tune answer to a multiple-choice question: the matching option's text, then its letter."""
+    return f"{option} {letter}"
 
 
 def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) -> list[str]:
@@ -140,25 +144,28 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) 
 
     lines = []
     for i in range(n_finetune):
-        if i % 10 == 9:  # text-only samples
-            a, b = rng.sample(list(COLOURS), 2)
-            conv = [{"from": "human", "value": f"Name a colour other than {a}."}, {"from": "gpt", "value": f"{b.capitalize()}."}]
+        chinese = rng.random() < 0.5
+        shown = _cn if chinese else str
+        if i % 10 in (3, 9):  # text-only: which option is the named colour
+            target = rng.choice(list(COLOURS))
+            opts = mc_options(rng, target)
+            q = f"哪个选项是{_cn(target)}？" if chinese else f"Which option is {target}?"
+            conv = [{"from": "human", "value": mcq_text(q, _letters([shown(o) for o in opts]))},
+                    {"from": "gpt", "value": mc_answer(shown(target), "ABCD"[opts.index(target)])}]
             lines.append({"id": i, "conversations": conv})
             texts += [c["value"] for c in conv]
             continue
-        n_options = rng.choice((2, 3, 4, 4))
-        scene = colour_scene(rng, n_options)
+        scene = random_scene(rng)
         fmt = "PNG" if i % 3 else "JPEG"
         rel = f"images/ft_{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
         _save_image(draw(scene, rng), root / "finetune" / rel, fmt)
-        chinese = rng.random() < 0.3
         conv = []
         if rng.random() < 0.8:  # a multiple-choice colour question in the benchmark's format
             q_en, q_cn = rng.choice(MC_QUESTIONS)[:2]
-            opts = colour_options(n_options)
-            shown = [_cn(o) for o in opts] if chinese else opts
-            conv += [{"from": "human", "value": "<image>\n" + mcq_text(q_cn if chinese else q_en, _letters(shown))},
-                     {"from": "gpt", "value": "ABCD"[opts.index(scene.colour)]}]
+            opts = mc_options(rng, scene.colour)
+            conv += [{"from": "human", "value": "<image>\n" + mcq_text(q_cn if chinese else q_en,
+                                                                       _letters([shown(o) for o in opts]))},
+                     {"from": "gpt", "value": mc_answer(shown(scene.colour), "ABCD"[opts.index(scene.colour)])}]
         # open questions about the attributes, as a first turn or as follow-up turns
         n_open = 0 if conv and rng.random() < 0.6 else rng.randint(1, 2)
         for kind in rng.sample(list(KINDS), n_open):
@@ -189,11 +196,10 @@ def make_mmbench_tsv(path: Path, dataset: str, n_questions: int, seed: int) -> N
     rows = []
     for q in range(n_questions):
         g = 100 + 7 * q  # non-contiguous indices, as in the real files
-        n_options = (2, 3, 4, 4)[q % 4]
-        scene = colour_scene(rng, n_options)
+        scene = random_scene(rng)
         q_en, q_cn, category, l2 = MC_QUESTIONS[(q // 4) % len(MC_QUESTIONS)]
         answer = scene.colour
-        opts = colour_options(n_options)
+        opts = mc_options(rng, answer)
         img = draw(scene, rng)
         if q % 5 == 4:
             img = img.convert("RGBA")  # the RGBA PNG case
@@ -306,7 +312,7 @@ def build_vision(out: Path, seed: int):
 
 
 def build_tiny_assets(out: Path, mmbench_dir: Path, datasets: list[str], seed: int = 0,
-                      n_pretrain: int = 400, n_finetune: int = 2400, n_questions: int = 48) -> None:
+                      n_pretrain: int = 400, n_finetune: int = 6400, n_questions: int = 48) -> None:
     """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir."""
     out = Path(out)
     if out.exists():
