@@ -7,10 +7,10 @@ JSONL conversations for fine-tune, MMBench/CCBench TSVs with base64 images and c
 The benchmark's multiple-choice questions ask for the colour (phrased per category) among 2, 3 or 4
 colours in a random order, and circular copies rotate them as MMBench does, so only matching the
 picture's colour to an option's text scores. The fine-tune data teaches that with shuffled options and
-answers that name the matching option, then its letter ("blue C"): a 2-layer model learns the letter
-that follows a word it has just written in about 1000 steps, but not the bare letter, which needs the
-colour and the lookup in one position (no progress in 3000 steps; measured for #18). Text-only lookups
-("Which option is blue?") train the second step on its own. Open questions about every attribute stay.
+answers that name the matching option, then its letter ("blue C"): a 2-layer model soon learns to copy
+the letter before a word it has just written, but hardly the bare letter, which needs the colour and the
+lookup in one position (README: the tiny preset). Text-only lookups ("Which option is blue?") train the
+second step on its own. Open questions about every attribute stay.
 """
 
 from __future__ import annotations
