@@ -182,7 +182,7 @@ def test_finetune_timed_out_preempted_and_cancelled_resumes_every_time(slurm_dag
     shutil.rmtree(work / "results" / "finetune")
     (work / "results" / "logs" / "finetune.log.attempts").unlink()
     before = set(finetune_jobs())
-    cfg = config_with(tmp_path, finetune={"epochs": 6, "save_steps": 10})  # 900 iterations: the TIMEOUT can take 30 s
+    cfg = config_with(tmp_path, finetune={"epochs": 6, "save_steps": 10})  # 600 iterations: the TIMEOUT can take 30 s
     cmd = snakemake_cmd(work, "results/finetune/final.pth", cfg, "--profile", str(profile))
     ckpts = work / "results" / "finetune" / "work_dir"
     ours = lambda: {j: s for j, s in finetune_jobs().items() if j not in before}  # noqa: E731
