@@ -71,3 +71,12 @@ def test_vlmeval_policy_matches_vlmevalkit_golden_table(prediction, choices, exp
 
 def test_golden_table_is_complete():
     assert len(list(vlmevalkit_golden_rows())) == 60  # the file's rows (two hold newlines)
+
+
+@pytest.mark.parametrize("pred,choices", [
+    ("blue C", {"A": "red", "B": "green", "C": "blue", "D": "black"}),
+    ("蓝色 C", {"A": "红色", "B": "绿色", "C": "蓝色"}),
+    ("red A", {"A": "red", "B": "black"})])
+def test_the_tiny_presets_answer_style_reads_as_its_letter(pred, choices):
+    """The tiny fine-tune answers "<option> <letter>" (llavaflow.tiny.mc_answer): every policy reads the letter."""
+    assert [get_policy(p)[1](pred, choices) for p in POLICIES] == [pred[-1]] * len(POLICIES)

@@ -76,3 +76,13 @@ def test_parameter_and_optimizer_state_counts():
     assert est.peak / GiB > 78  # of 79.6 GiB usable on an H100 80GB: no headroom for fragmentation or context
     offload = estimate(shapes, tokens=8 * 1024, images=8, policy="full", offload_optimizer="cpu")
     assert offload.peak / GiB < 40 and offload.host / GiB == pytest.approx(61.6, abs=0.1)
+
+
+@pytest.mark.parametrize("policy,offload,micro_batch,peak_gib", [
+    ("full", "none", 8, 78.9), ("selective", "none", 8, 81.8), ("none", "none", 8, 99.0),
+    ("full", "cpu", 8, 13.7), ("selective", "cpu", 8, 27.9), ("selective", "cpu", 16, 46.2), ("none", "cpu", 8, 45.0)])
+def test_the_predicted_peaks_in_bench_readme(policy, offload, micro_batch, peak_gib):
+    """bench/README.md's table (and the README's 78.9 / 13.7 GiB): the fine-tune at 780 tokens per sample."""
+    shapes = Shapes.of(build_reference_llava("meta"))
+    est = estimate(shapes, tokens=micro_batch * 780, images=micro_batch, policy=policy, offload_optimizer=offload)
+    assert round(est.peak / GiB, 1) == peak_gib

@@ -120,12 +120,19 @@ def mc_options(rng: random.Random, answer: str) -> list[str]:
     return opts
 
 
-def mc_answer(option: str, letter: str) -> str:
-    """The fine-tune answer to a multiple-choice question: the matching option's text, then its letter."""
-    return f"{option} {letter}"
+MC_ANSWERS = ("option_letter", "letter")
 
 
-def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) -> list[str]:
+def mc_answer(option: str, letter: str, style: str = "option_letter") -> str:
+    """The fine-tune answer to a multiple-choice question: the matching option's text, then its letter
+    ("blue C"); or the bare letter, the style bench/tiny_mcq.py compares it with."""
+    if style not in MC_ANSWERS:
+        raise ValueError(f"unknown multiple-choice answer style {style!r}; known: {MC_ANSWERS}")
+    return f"{option} {letter}" if style == "option_letter" else letter
+
+
+def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int,
+                       mc_style: str = "option_letter") -> list[str]:
     """Write pretrain (JSON) and fine-tune (JSONL) data under root; returns all text, for the tokenizer."""
     rng = random.Random(seed)
     texts: list[str] = []
@@ -151,7 +158,7 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) 
             opts = mc_options(rng, target)
             q = f"哪个选项是{_cn(target)}？" if chinese else f"Which option is {target}?"
             conv = [{"from": "human", "value": mcq_text(q, _letters([shown(o) for o in opts]))},
-                    {"from": "gpt", "value": mc_answer(shown(target), "ABCD"[opts.index(target)])}]
+                    {"from": "gpt", "value": mc_answer(shown(target), "ABCD"[opts.index(target)], mc_style)}]
             lines.append({"id": i, "conversations": conv})
             texts += [c["value"] for c in conv]
             continue
@@ -165,7 +172,8 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int) 
             opts = mc_options(rng, scene.colour)
             conv += [{"from": "human", "value": "<image>\n" + mcq_text(q_cn if chinese else q_en,
                                                                        _letters([shown(o) for o in opts]))},
-                     {"from": "gpt", "value": mc_answer(shown(scene.colour), "ABCD"[opts.index(scene.colour)])}]
+                     {"from": "gpt", "value": mc_answer(shown(scene.colour), "ABCD"[opts.index(scene.colour)],
+                                                         mc_style)}]
         # open questions about the attributes, as a first turn or as follow-up turns
         n_open = 0 if conv and rng.random() < 0.6 else rng.randint(1, 2)
         for kind in rng.sample(list(KINDS), n_open):
@@ -312,12 +320,13 @@ def build_vision(out: Path, seed: int):
 
 
 def build_tiny_assets(out: Path, mmbench_dir: Path, datasets: list[str], seed: int = 0,
-                      n_pretrain: int = 400, n_finetune: int = 6400, n_questions: int = 48) -> None:
+                      n_pretrain: int = 400, n_finetune: int = 6400, n_questions: int = 48,
+                      mc_style: str = "option_letter") -> None:
     """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    texts = make_training_data(out / "data", n_pretrain, n_finetune, seed)
+    texts = make_training_data(out / "data", n_pretrain, n_finetune, seed, mc_style)
     for name in datasets:
         make_mmbench_tsv(Path(mmbench_dir) / f"{name}.tsv", name, n_questions, seed + 1 + len(name))
     corpus = texts + [CN[k] for k in CN] + [mcq_text(q, {"A": "x"}) for mc in MC_QUESTIONS for q in mc[:2]]
