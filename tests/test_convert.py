@@ -180,6 +180,7 @@ def test_official_llava_config(converted, tiny):
     assert cfg["mm_vision_select_feature"] == "patch" and cfg["image_aspect_ratio"] == "pad"
     assert cfg["unfreeze_mm_vision_tower"] is True
     assert cfg["mm_use_im_patch_token"] is False and cfg["mm_use_im_start_end"] is False
+    assert cfg["tokenizer_model_max_length"] == 2047  # Phi-3's sliding window, which Llama lacks (README)
     assert Path(cfg["mm_vision_tower"]).is_dir() and (converted["out"] / "iter_llava" / "tokenizer.model").exists()
 
 

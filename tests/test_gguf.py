@@ -206,7 +206,7 @@ def test_q8_0_and_modelfile(exports):
     assert modelfile.startswith("FROM ./llm-q8_0.gguf\nFROM ./mmproj-f16.gguf\n")
     for stop in ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"):
         assert f'PARAMETER stop "{stop}"' in modelfile
-    assert "PARAMETER num_ctx 4096" in modelfile
+    assert "PARAMETER num_ctx 4096" in modelfile and "PARAMETER num_keep 4" in modelfile
 
 
 def test_bad_input_fails_before_writing(converted, tmp_path):

@@ -173,3 +173,19 @@ def test_multi_node_finetune_through_srun_and_torchrun(tmp_path):
     assert '"$0" "$@"\' -m llavaflow.cli train --recipe ' in shell
     pretrain = out.split("rule pretrain:")[1].split("resources: ")[1].split("\n")[0]
     assert "gpu=8" in pretrain and "nodes=1" in pretrain  # the single-node stage keeps --gpus
+
+
+def test_snakemake_outside_its_activated_environment_stops_naming_the_fix(tmp_path):
+    """Jobs call `llavaflow` and `python` from PATH: another environment's (here: none) is refused up front."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bare = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if Path(p) != Path(sys.executable).parent)
+    proc = subprocess.run(SNAKEMAKE + ["-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+                                       str(tmp_path), "--configfile", str(ROOT / "config" / "tiny.yaml")],
+                          env={**os.environ, "PATH": bare}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"activate that environment (e.g. `source {Path(sys.executable).parent}/activate`)" in proc.stderr + proc.stdout
+    assert not (tmp_path / "results").exists()
