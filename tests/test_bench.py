@@ -17,6 +17,22 @@ def test_padding_bench_shows_length_grouping_cutting_padding():
     assert rows["length_grouped"]["padding_fraction"] < 0.03
 
 
+
+def test_tiny_mcq_bench_trains_and_scores_each_answer_style(tmp_path):
+    """bench/tiny_mcq.py (README: the tiny preset's answer style), a few steps: a JSON row per evaluation."""
+    for answer in ("letter", "option_letter"):
+        proc = run([sys.executable, "tiny_mcq.py", "--answer", answer, "--micro-batch", "8", "--steps", "4",
+                    "--eval-every", "2", "--out", str(tmp_path / answer)], cwd=ROOT / "bench")
+        rows = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [r["step"] for r in rows] == [2, 4] and rows[-1]["samples_seen"] == 32
+        assert {r["answer"] for r in rows} == {answer}
+        for name in ("MMBench_DEV_EN", "MMBench_DEV_CN", "CCBench"):
+            assert 0 <= rows[-1][name]["circular"] <= rows[-1][name]["vanilla_0"] <= 1
+        first = (tmp_path / answer / "assets" / "data" / "finetune" / "conversations.jsonl").read_text().splitlines()
+        mc = [json.loads(line)["conversations"][1]["value"] for line in first
+              if "\nA. " in json.loads(line)["conversations"][0]["value"]]
+        assert mc and all((len(a) == 1) == (answer == "letter") for a in mc), mc[:5]
+
 def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     """bench/gpu_suite.py --small: the GPU suite's plumbing end to end on width-64 stand-ins (seconds on an
     idle 2-core machine), so a lent GPU never meets a broken script."""
