@@ -43,8 +43,8 @@ def test_tensorboard_mlflow_and_wandb_receive_the_recipe_and_every_row(tiny, sub
     (offline,) = (work / "wandb").glob("offline-run-*")
     (history_file,) = offline.glob("run-*.wandb")  # what `wandb sync` uploads
     records = list(wandb_records(history_file))
-    (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    config = {i.key: json.loads(i.value_json) for i in run_record.config.update}
+    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") in ("run", "config")
+              for i in (r.run.config if r.WhichOneof("record_type") == "run" else r.config).update}
     assert config["lr"] == 0.001 and config["train"] == ["llm", "visual_encoder", "projector"]
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
@@ -52,6 +52,44 @@ def test_tensorboard_mlflow_and_wandb_receive_the_recipe_and_every_row(tiny, sub
     assert [h["loss"] for h in history] == pytest.approx(losses, rel=1e-12)
     assert records[-1].WhichOneof("record_type") == "exit"
 
+
+
+def test_a_resumed_stage_continues_its_mlflow_and_wandb_runs(tiny, subset, tmp_path, monkeypatch):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    rec = recipe(tiny, datasets=subset, micro_batch_size=4, accumulative_counts=1, save_steps=6, log_interval=2,
+                 report_to=["mlflow", "wandb"])
+    work, env = tmp_path / "work", {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    torchrun(1, rec, work, tmp_path / "out", env_extra=env)
+    ids = json.loads((work / "tracker_runs.json").read_text())
+    shutil.rmtree(work / "iter_12.pth")  # as if the attempt died after logging iteration 12, before its checkpoint
+    torchrun(1, rec, work, tmp_path / "out2", env_extra=env)
+    rows = metrics(tmp_path / "out2" / "metrics.jsonl")
+    assert [r["iter"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert json.loads((work / "tracker_runs.json").read_text()) == ids
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(work / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("llavaflow").experiment_id])
+    assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted({m.step for m in history}) == [2, 4, 6, 8, 10, 12]
+    last = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}  # the resumed attempt's rows win
+    assert [last[r["iter"]] for r in rows] == pytest.approx([r["loss"] for r in rows], rel=1e-12)
+
+    attempts = sorted((work / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2
+    runs = []
+    for attempt in attempts:
+        (history_file,) = attempt.glob("run-*.wandb")
+        records = list(wandb_records(history_file))
+        (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        steps = [json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
+                 for i in r.history.item if (i.key or "/".join(i.nested_key)) == "_step"]
+        runs.append((run_record.run_id, steps))
+    assert runs == [(ids["wandb"], [2, 4, 6, 8, 10, 12]), (ids["wandb"], [8, 10, 12])]
 
 def wandb_records(path):
     """The protobuf Records (wandb's own classes) of an offline run file. wandb 0.31 ships no Python reader

@@ -6,6 +6,9 @@ step = iteration. Rank 0 only. Where they write follows each tool's own conventi
   mlflow       MLFLOW_TRACKING_URI, else a file store in <work dir>/mlruns (MLFLOW_ALLOW_FILE_STORE=true set
                for it); experiment MLFLOW_EXPERIMENT_NAME or "llavaflow"
   wandb        WANDB_PROJECT (default "llavaflow"), WANDB_MODE (e.g. offline), run files under <work dir>/wandb
+A resumed stage continues its MLflow and wandb runs: their ids are kept in <work dir>/tracker_runs.json (a new
+configuration gets a new work dir, hence new runs). Rows logged after the checkpoint by the attempt that died
+are logged again: MLflow keeps both values of such a step, wandb keeps the first.
 The libraries are the optional `tracking` extra; naming a tracker whose library is missing fails up front.
 """
 
@@ -27,6 +30,22 @@ def check_trackers(names) -> None:
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ValueError(f"report_to: {name} needs the {TRACKERS[name]!r} package "
                              "(pip install 'llavaflow[tracking]')")
+
+
+RUN_IDS = "tracker_runs.json"
+
+
+def saved_run_id(work_dir: Path, tracker: str) -> str | None:
+    path = work_dir / RUN_IDS
+    return json.loads(path.read_text()).get(tracker) if path.exists() else None
+
+
+def save_run_id(work_dir: Path, tracker: str, run_id: str) -> None:
+    path = work_dir / RUN_IDS
+    ids = json.loads(path.read_text()) if path.exists() else {}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**ids, tracker: run_id}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def flat_params(recipe: dict) -> dict:
@@ -61,8 +80,24 @@ class MLflowTracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((work_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "llavaflow"))
-        self.run = mlflow.start_run(run_name=run_name)
-        mlflow.log_params(flat_params(params))
+        run_id = saved_run_id(work_dir, "mlflow")
+        if run_id is not None and self._stored(run_id):
+            # The params stay those of the first attempt: MLflow refuses to change a logged param, and a
+            # resume may change only the settings that are not part of the result (packing, num_workers, ...).
+            self.run = mlflow.start_run(run_id=run_id)
+        else:  # a first attempt, or a tracking store that does not hold the saved run (another URI)
+            self.run = mlflow.start_run(run_name=run_name)
+            mlflow.log_params(flat_params(params))
+            save_run_id(work_dir, "mlflow", self.run.info.run_id)
+
+    def _stored(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.mlflow.MlflowClient().get_run(run_id)
+            return True
+        except MlflowException:
+            return False
 
     def log(self, scalars: dict, step: int) -> None:
         self.mlflow.log_metrics(scalars, step=step)
@@ -75,8 +110,12 @@ class WandbTracker:
     def __init__(self, work_dir: Path, params: dict, run_name: str, resume_at: int):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "llavaflow"), name=run_name, config=params,
-                              dir=str(work_dir))
+        run_id = saved_run_id(work_dir, "wandb")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "llavaflow"), name=run_name,
+                              dir=str(work_dir), id=run_id, resume="allow" if run_id else None)
+        # A resume may change the settings that are not part of the result (packing, num_workers, ...).
+        self.run.config.update(params, allow_val_change=True)
+        save_run_id(work_dir, "wandb", self.run.id)
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
