@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import atomic_output
+
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module it needs
 
 
@@ -43,9 +45,8 @@ def saved_run_id(work_dir: Path, tracker: str) -> str | None:
 def save_run_id(work_dir: Path, tracker: str, run_id: str) -> None:
     path = work_dir / RUN_IDS
     ids = json.loads(path.read_text()) if path.exists() else {}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**ids, tracker: run_id}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_output(path, folder=False, overwrite=True) as tmp:
+        tmp.write_text(json.dumps({**ids, tracker: run_id}, indent=1, sort_keys=True))
 
 
 def flat_params(recipe: dict) -> dict:
