@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -353,6 +354,63 @@ def test_mmproj_encodes_an_image_in_libmtmd(exports, llama_python, tmp_path, whi
     tok = AutoTokenizer.from_pretrained(src)
     ref = encode_prompt(tok, prompt.replace("<__media__>", "<image>"), with_bos=True)
     assert res["mtmd_ids"].tolist() == ref
+
+
+def test_llama_quantize_on_path_makes_each_variant_and_the_modelfile_takes_the_first(converted, llama_python,
+                                                                                       tmp_path, monkeypatch):
+    """Without llama-cpp-python importable (llavaflow's own venv), to_gguf runs `llama-quantize IN OUT TYPE` from
+    PATH. The one put there runs llama.cpp's quantizer (through llama-cpp-python) with those three arguments."""
+    import importlib.util
+
+    import gguf
+
+    from llavaflow.convert.gguf import to_gguf
+
+    assert importlib.util.find_spec("llama_cpp") is None  # else the PATH branch would not run
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "llama-quantize").write_text(
+        f'#!/bin/sh\nPYTHONPATH="{ROOT / "workflow"}" exec "{llama_python}" -m llavaflow.convert.gguf_quantize "$@"\n')
+    (bin_dir / "llama-quantize").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    names = to_gguf(converted["out"] / "iter_xtuner", tmp_path / "g", dtype="f32", quantize=["Q8_0", "Q4_K_M"])
+    assert names == ["llm-f32.gguf", "mmproj-f32.gguf", "llm-Q8_0.gguf", "llm-Q4_K_M.gguf", "Modelfile"]
+    for name, ftype in (("llm-Q8_0.gguf", gguf.LlamaFileType.MOSTLY_Q8_0), ("llm-Q4_K_M.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)):
+        assert _fields(tmp_path / "g" / name)[1]["general.file_type"] == ftype
+    assert (tmp_path / "g" / "Modelfile").read_text().startswith("FROM ./llm-Q8_0.gguf\nFROM ./mmproj-f32.gguf\n")
+
+
+def test_libmtmd_pads_a_wide_image_as_training_does(exports, llama_python, tmp_path):
+    """A 56 x 28 image (tiny image_size 56: padding alone makes it square, no resize): libmtmd centres it on
+    a canvas of the mean colour, as our pad-to-square (xtuner's expand2square) does."""
+    from PIL import Image
+
+    from llavaflow.data.images import background_colour, expand2square
+    from llavaflow.model.loading import load_xtuner_llava
+
+    src, out = exports["tiny"]
+    rgb = np.random.default_rng(1).integers(0, 256, size=(28, 56, 3), dtype=np.uint8)
+    np.save(tmp_path / "rgb.npy", rgb)
+    res = probe(llama_python, {"model": str(out / "llm-f32.gguf"), "mtmd": {
+        "mmproj": str(out / "mmproj-f32.gguf"), "rgb": str(tmp_path / "rgb.npy"),
+        "prompt": "<|user|>\n<__media__>\nWhat colour?<|end|>\n<|assistant|>\n"}}, tmp_path, "pad")
+    model = load_xtuner_llava(src, torch.float32).eval()
+    pre = json.loads((src / "visual_encoder" / "preprocessor_config.json").read_text())
+    mean, std = (torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
+
+    def encoded(img):
+        pixels = (torch.tensor(np.asarray(img)).permute(2, 0, 1)[None].float() / 255 - mean) / std
+        with torch.no_grad():
+            return llama_cpp_llava_graph(model.visual_encoder, model.projector, pixels, feature_layer=1)[0].numpy()
+
+    colour = background_colour(SimpleNamespace(image_mean=pre["image_mean"]))
+    assert colour == (122, 116, 104)  # CLIP's mean x 255, truncated: also clip.cpp's fixed pad colour
+    centred = expand2square(Image.fromarray(rgb), colour)
+    top_left = Image.new("RGB", (56, 56), colour)
+    top_left.paste(Image.fromarray(rgb), (0, 0))
+    errors = {"centred": _rel(res["image_embd"], encoded(centred)), "top_left": _rel(res["image_embd"], encoded(top_left))}
+    print(f"libmtmd on a 56x28 image vs the emulation on padded pixels: {errors}")
+    assert errors["centred"] < MMPROJ_EMULATION_RTOL < errors["top_left"]
 
 
 def test_quantized_variant_loads_and_answers(exports, llama_python, tmp_path):
