@@ -1,8 +1,9 @@
 """Every GPU measurement of issue 15 in one command (under 8 minutes on one H100/H200), as JSON lines.
 
 Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself;
-the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with each
-measurement's full log in <out>/logs/. Measurements run in order of importance and are skipped (said so in
+the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with every
+measurement's log appended to <out>/gpu_suite.log (two files: the device tool brings back at most 8, and an
+extra one could crowd out the JSON lines). Measurements run in order of importance and are skipped (said so in
 a line) once the time budget is spent, so the file always holds what finished.
 
   env            torch / CUDA / GPU / transformers / DeepSpeed versions, whether varlen_attn is usable
@@ -109,7 +110,10 @@ def kill_tree(pid: int) -> None:
         pass
 
 
-def run_one(name: str, cmd: list[str], timeout: int, logs: Path | None) -> list[dict]:
+LOG_TAIL_CHARS = 1_000_000  # of each measurement's output, in the log file: 12 stay far under 16 MiB
+
+
+def run_one(name: str, cmd: list[str], timeout: int, log: Path | None) -> list[dict]:
     """Its JSON lines, each tagged with the measurement; or one line saying how it failed."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -122,8 +126,9 @@ def run_one(name: str, cmd: list[str], timeout: int, logs: Path | None) -> list[
         output, _ = proc.communicate()
         error = f"timed out after {timeout} s"
     seconds = round(time.perf_counter() - t0, 1)
-    if logs:
-        (logs / f"{name}.log").write_text(" ".join(cmd) + "\n\n" + output)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"==== {name} ({seconds} s, {error or 'ok'}): {' '.join(cmd)}\n{output[-LOG_TAIL_CHARS:]}\n")
     lines = []
     for text in output.splitlines():
         if text.startswith("{"):
@@ -141,17 +146,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="CPU smoke run with width-64 stand-ins")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
-                   help="folder for gpu_suite.jsonl and logs/ (default: $OUT)")
+                   help="folder for gpu_suite.jsonl and gpu_suite.log (default: $OUT)")
     p.add_argument("--work", type=Path, default=Path("/tmp/llavaflow-gpu-suite"), help="assets and runs")
     p.add_argument("--budget-s", type=float, default=450, help="start no measurement after this many seconds")
     p.add_argument("--only", nargs="*", help="run only these measurements")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every measurement's timeout (slow hosts)")
     args = p.parse_args()
 
-    logs = None
+    log = None
     if args.out:
-        logs = args.out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = args.out / "gpu_suite.log"
     sink = open(args.out / "gpu_suite.jsonl", "a") if args.out else None
 
     def emit(line: dict) -> None:
@@ -174,7 +179,7 @@ def main() -> int:
         if left < 20:
             emit({"measurement": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
             continue
-        for line in run_one(name, cmd, int(min(timeout * args.timeout_scale, left)), logs):
+        for line in run_one(name, cmd, int(min(timeout * args.timeout_scale, left)), log):
             failed += "error" in line
             emit(line)
     emit({"measurement": "total", "seconds": round(time.perf_counter() - t0, 1), "failed": failed})

@@ -54,7 +54,8 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
         assert by_name[name]["packing"] is True and by_name[name]["fused_loss"] is True, by_name[name]
     assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
     assert by_name["mmbench"]["fast_stage_rows_per_s"] > 0
-    assert (out / "logs" / "e2e_finetune_all.log").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_suite.jsonl", "gpu_suite.log"]  # the device tool returns 8 files
+    assert "==== e2e_finetune_all (" in (out / "gpu_suite.log").read_text()
 
 
 def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
@@ -63,16 +64,18 @@ def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
-    failed = suite.run_one("broken", [sys.executable, "-c", "import sys; print('{\"a\": 1}'); sys.exit(3)"], 30, tmp_path)
+    failed = suite.run_one("broken", [sys.executable, "-c", "import sys; print('{\"a\": 1}'); sys.exit(3)"], 30, tmp_path / "log")
     assert failed[0] == {"measurement": "broken", "a": 1, "seconds": failed[0]["seconds"]}
     assert failed[1]["error"] == "exit status 3"
     # A hang, with a grandchild in a session of its own (as torchrun's ranks are): both are killed.
     hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
             "start_new_session=True); print(p.pid, flush=True); time.sleep(60)")
-    hung = suite.run_one("hung", [sys.executable, "-c", hang], 2, tmp_path)
+    hung = suite.run_one("hung", [sys.executable, "-c", hang], 2, tmp_path / "log")
     assert hung[0]["error"] == "timed out after 2 s" and hung[0]["seconds"] < 10
     grandchild = int(hung[0]["log_tail"].split()[0])
     time.sleep(0.5)
     assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
-    ok = suite.run_one("ok", [sys.executable, "-c", "print('{\"b\": 2}')"], 30, tmp_path)
+    ok = suite.run_one("ok", [sys.executable, "-c", "print('{\"b\": 2}')"], 30, tmp_path / "log")
     assert ok == [{"measurement": "ok", "b": 2, "seconds": ok[0]["seconds"]}]
+    log = (tmp_path / "log").read_text()
+    assert [line.split(" (")[0] for line in log.splitlines() if line.startswith("==== ")] == ["==== broken", "==== hung", "==== ok"]

@@ -3,7 +3,8 @@
 Two inputs: the tiny preset's iter_xtuner (fine-tune-like, every part perturbed) and xtuner 0.2.0's own
 converted folder from the fixtures (Phi-3 tokenizer.json layout without tokenizer.model, fp16 LLM).
 llama.cpp runs through llama-cpp-python, built once from source into a venv cached outside the repo
-(~/.cache/llavaflow/llama-cpp-<hash>); tests/gguf_probe.py runs there and hands back numpy arrays.
+(~/.cache/llavaflow/llama-cpp-<hash>, or under $LLAVAFLOW_CACHE); tests/gguf_probe.py runs there and hands
+back numpy arrays.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from consumer_venv import CACHE
 from processes import run_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def llama_python() -> Path:
     """Python of a venv with llama-cpp-python (llama.cpp + mtmd built on CPU); built once, then cached."""
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     key = hashlib.sha256(f"{LLAMA_CPP}\n{CMAKE_ARGS}\n{version}".encode()).hexdigest()[:12]
-    venv = Path.home() / ".cache" / "llavaflow" / f"llama-cpp-{key}"
+    venv = CACHE / f"llama-cpp-{key}"
     python = venv / "bin" / "python"
     check = [str(python), "-c", "import llama_cpp, llama_cpp.mtmd_cpp"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:

@@ -18,6 +18,8 @@ from llavaflow.convert.phi3_llama import phi_to_llama
 from llavaflow.convert.pth_to_hf import pth_to_hf
 from llavaflow.model.checkpoint_reader import MODEL_STATES, CheckpointError, load_state_dict
 
+from consumer_venv import CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "xtuner-0.2.0"
 pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"xtuner fixtures not present at {FIX}")
@@ -209,13 +211,13 @@ PHI_TO_LLAMA = "xtuner/configs/llava/phi3_mini_4k_instruct_clip_vit_large_p14_33
 
 def xtuner_script_env() -> Path:
     """xtuner 0.2.0's convert_phi_to_llama.py and the mmengine it imports (no-deps, next to this venv's torch
-    and transformers), fetched once from PyPI and cached under ~/.cache/llavaflow/xtuner-scripts-<hash>."""
+    and transformers), fetched once from PyPI and cached under ~/.cache/llavaflow/xtuner-scripts-<hash> (consumer_venv.CACHE)."""
     import hashlib
     import shutil
     import zipfile
 
     key = hashlib.sha256(" ".join(XTUNER_SCRIPT_REQS).encode()).hexdigest()[:12]
-    home = Path.home() / ".cache" / "llavaflow" / f"xtuner-scripts-{key}"
+    home = CACHE / f"xtuner-scripts-{key}"
     if (home / "done").exists():
         return home
     tmp = home.with_name(f"{home.name}.tmp-{os.getpid()}")

@@ -12,9 +12,15 @@ import sys
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 folder, inputs_path, prompt, out_path = sys.argv[1:5]
+refused = {}  # what these versions cannot load from the folder, and why
+for name, auto in (("AutoImageProcessor", AutoImageProcessor), ("AutoProcessor", AutoProcessor)):
+    try:
+        auto.from_pretrained(folder)
+    except (ValueError, TypeError, OSError) as e:
+        refused[name] = f"{type(e).__name__}: {e}"[:300]
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model, info = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
 model.eval()
@@ -27,4 +33,5 @@ print(json.dumps({
     "transformers": transformers.__version__, "tokenizer": type(tokenizer).__name__,
     "prompt_ids": tokenizer(prompt).input_ids, "missing": sorted(info["missing_keys"]),
     "unexpected": sorted(info["unexpected_keys"]), "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+    "refused": refused,
 }))
