@@ -152,6 +152,34 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     assert proc.returncode != 0 and f"{missing} line 1 (id s7): image {tmp_path}/nope.png not found" in proc.stdout + proc.stderr
 
 
+def test_a_stale_deepspeed_build_lock_is_named_instead_of_waited_on_forever(tiny, subset, tmp_path, caplog,
+                                                                           monkeypatch):
+    """A run killed while torch's JIT loader held DeepSpeed's op lock leaves the file; every later CPU run would
+    wait on it silently. Ours fails before any work with the file's name, and leaves the file alone."""
+    import logging
+    import os
+
+    from llavaflow.train.jit_build_lock import build_lock, check_build_lock
+
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    proc = torchrun(1, recipe(tiny, datasets=subset), tmp_path / "w", tmp_path / "o", check=False,
+                    env_extra={"TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=300)
+    assert proc.returncode != 0
+    assert f"{lock}: left by a DeepSpeed op build that was killed 60 min ago" in proc.stdout + proc.stderr
+    assert lock.exists() and not (tmp_path / "w").exists()
+    # a young lock is a build under way: waited for, with a line in the log
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    assert build_lock() == lock
+    os.utime(lock)
+    with caplog.at_level(logging.WARNING):
+        check_build_lock(lock)
+    assert f"{lock} exists: waiting" in caplog.text
+
+
 def test_checkpoint_reader_rejects_what_is_not_a_checkpoint(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="HF-format folder"):
         load_state_dict(tiny["llm"])

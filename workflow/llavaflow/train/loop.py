@@ -186,9 +186,11 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Reject option combinations that cannot work, before any process group or model exists."""
+    from .jit_build_lock import build_lock, check_build_lock
     from .tracking import check_trackers
 
     check_trackers(recipe.report_to)
+    check_build_lock(build_lock())  # else a killed run's lock file stalls deepspeed.initialize forever
     if recipe.offload_optimizer != "none" and recipe.deepspeed_stage not in (1, 2, 3):
         raise ValueError(f"offload_optimizer: {recipe.offload_optimizer} needs deepspeed_stage 1, 2 or 3 "
                          f"(DeepSpeed offloads ZeRO's optimizer partitions), not {recipe.deepspeed_stage}")
