@@ -59,7 +59,7 @@ def llama_python() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    try:  # ~35 min on 2 busy cores, once
+    try:  # once: 206 s on 2 idle cores (2026-11-30), far longer when they are busy
         subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
         _run_group(["nice", "-n", "10", str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", LLAMA_CPP],
                    env=env, timeout=3 * 3600)
