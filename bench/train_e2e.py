@@ -6,7 +6,8 @@ under --work: a random-init Phi-3-mini-4k (bf16 safetensors) with a small tokeni
 special tokens, a random-init CLIP ViT-L/14-336 with its image processor, and --samples synthetic
 samples (640x480 JPEG; conversations of 64-832 text tokens). Then one torchrun training run with the
 given speed settings; the rate is taken from metrics.jsonl over the iterations after --skip (so
-compilation and warm-up are left out).
+compilation and warm-up are left out). Next to the measured peak memory it prints what the memory model
+(llavaflow.train.memory) predicts for the run's largest micro-batch, so a GPU run checks the model.
 
   python3 train_e2e.py --work /tmp/e2e --set packing=true fused_loss=true gradient_checkpointing=selective
 """
@@ -72,7 +73,34 @@ def windowed_rate(records: list[dict], skip: int) -> dict:
             "model_tflops_per_s": round(delta("model_tflops_per_s") / dt, 2),
             "mfu_h100": round(delta("model_tflops_per_s") * 1e12 / dt / H100_BF16_PEAK, 4),
             "mean_tokens_per_sample": round(b["mean_tokens_per_sample"], 1),
+            "max_micro_batch_rows": b["max_micro_batch_rows"],
             "max_memory_gib": round(b["max_memory_gib"], 1) if "max_memory_gib" in b else None}
+
+
+def predicted_peak_gib(work: Path, stage: str, speed: dict, micro_batch: int, rows: int, dtype_bytes: int) -> float:
+    """The memory model's peak for this run's shapes (built on the meta device from the saved configs) and its
+    largest micro-batch (`rows` decoder rows, `micro_batch` images), one rank."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    from llavaflow.model.activation_checkpointing import normalise_policy
+    from llavaflow.model.build import new_projector
+    from llavaflow.model.llava import LlavaModel
+    from llavaflow.train.memory import GiB, Shapes, estimate
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(work / "llm"))
+        vit = CLIPVisionModel(CLIPVisionConfig.from_pretrained(work / "vit"))
+        model = LlavaModel(llm, vit, new_projector(vit.config.hidden_size, llm.config.hidden_size, 2))
+    shapes = Shapes.of(model)
+    if stage == "pretrain":
+        shapes = dataclasses.replace(shapes, trainable=sum(p.numel() for p in model.projector.parameters()))
+    est = estimate(shapes, tokens=rows, images=micro_batch, policy=normalise_policy(speed["gradient_checkpointing"]),
+                   dtype_bytes=dtype_bytes, offload_optimizer=speed["offload_optimizer"], fused_loss=speed["fused_loss"],
+                   trains_vit=stage == "finetune", overlap_comm=dtype_bytes == 2)
+    return round(est.peak / GiB, 2)
 
 
 def main():
@@ -115,8 +143,12 @@ def main():
     speed = {k: recipe.get(k, getattr(defaults, k)) for k in ("gradient_checkpointing", "checkpoint_every_n_layers",
                                                               "packing", "fused_loss", "fused_optimizer", "compile",
                                                               "offload_optimizer")}
+    rate = windowed_rate(records, args.skip)
+    dtype_bytes = 2 if device_name() != "cpu" else 4  # the loop's precision: bf16 on a GPU, fp32 on a CPU
+    predicted = predicted_peak_gib(args.work, args.stage, speed, args.micro_batch, rate["max_micro_batch_rows"],
+                                   dtype_bytes)
     print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small or args.tiny,
-                      "micro_batch": args.micro_batch, **speed, **windowed_rate(records, args.skip)}))
+                      "micro_batch": args.micro_batch, **speed, **rate, "predicted_peak_gib": predicted}))
 
 
 if __name__ == "__main__":

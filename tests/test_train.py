@@ -42,6 +42,30 @@ def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def rank0_micro_batch_rows(rec: dict, *, world: int, patches: int) -> tuple[list[int], list[int]]:
+    """Per iteration, the running max of rank 0's micro-batch in decoder rows (padded, packed), from the
+    dataset's own samples in the sampler's order: what each metrics row's max_micro_batch_rows should say."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from llavaflow.constants import IMAGE_TOKEN_INDEX
+    from llavaflow.train.loop import build_dataset, build_sampler
+
+    r = Recipe(**rec)
+    dataset = build_dataset(r, CLIPImageProcessor.from_pretrained(r.visual_encoder),
+                            AutoTokenizer.from_pretrained(r.llm, padding_side="right"))
+    sampler = build_sampler(r, dataset, 0, world)
+    padded, packed = [0], [0]
+    for epoch in range(r.epochs):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), r.micro_batch_size):
+            rows = [len(ids) + (patches - 1) * int((ids == IMAGE_TOKEN_INDEX).sum())
+                    for ids in (dataset[i]["input_ids"] for i in order[start:start + r.micro_batch_size])]
+            padded.append(max(padded[-1], len(rows) * max(rows)))
+            packed.append(max(packed[-1], sum(rows)))
+    return padded[1:], packed[1:]
+
+
 @pytest.fixture
 def subset(tiny, tmp_path):
     """The first 48 fine-tune samples, so a run takes seconds."""
@@ -130,6 +154,11 @@ def test_speed_settings_train_like_the_plain_run_and_may_change_on_resume(tiny, 
     # lr 1e-3 the curves stay within 1e-3 (a wrong mask or lost sample moves them by > 1e-2).
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     assert [r["loss"] for r in m2] == pytest.approx([r["loss"] for r in m1], rel=1e-3)
+    # The largest micro-batch rank 0 ran, in decoder rows: padded to its longest sample, or packed end to end
+    padded, packed = rank0_micro_batch_rows(plain, world=2, patches=16)  # 56 px images of 14 px patches
+    assert [r["max_micro_batch_rows"] for r in m1] == padded
+    assert [r["max_micro_batch_rows"] for r in m2] == packed
+    assert packed[-1] < padded[-1]
 
     shutil.rmtree(tmp_path / "w2" / "iter_12.pth")  # as if killed after iteration 9
     proc = torchrun(2, dict(fast, packing=False, fused_optimizer=False), tmp_path / "w2", tmp_path / "o3")

@@ -268,10 +268,12 @@ def _loop(run: Run, logger: MetricLogger | None) -> None:
     bar = tqdm(total=run.total, initial=run.start, disable=run.rank != 0, desc=recipe.stage, dynamic_ncols=True,
                mininterval=1.0)
     tokens, flops, samples, t0 = 0, 0.0, 0, time.perf_counter()
+    max_rows = 0  # the largest micro-batch in decoder rows (padding included): what activation memory follows
     loss_sum, losses, stepped = torch.zeros((), device=device), 0, False  # since the last logged row
     for it, epoch, batch in run.batches():
         sizes, images = _sample_sizes(batch, run.patches)  # from the CPU batch: no device sync
         tokens, samples = tokens + sum(sizes), samples + len(sizes)
+        max_rows = max(max_rows, sum(sizes) if recipe.packing else len(sizes) * max(sizes))
         flops += sum(run.flop_model.sample_flops(t, i) for t, i in zip(sizes, images))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = engine(**batch).loss
@@ -296,7 +298,7 @@ def _loop(run: Run, logger: MetricLogger | None) -> None:
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "tokens_per_s": tokens * rate, "samples_per_s": samples * rate,
                        "mean_tokens_per_sample": tokens / samples, "model_tflops_per_s": flops * rate / 1e12,
-                       "elapsed_s": elapsed}
+                       "max_micro_batch_rows": max_rows, "elapsed_s": elapsed}
                 if device.type == "cuda":
                     row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(row)
