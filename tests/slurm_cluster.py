@@ -207,6 +207,8 @@ GresTypes=gpu
 SlurmdParameters=config_overrides
 ReturnToService=2
 SchedulerType=sched/backfill
+# a requeued (preempted) job may start again at the scheduler's next pass: 60 s (main) / 30 s (backfill) by default
+SchedulerParameters=sched_interval=5,bf_interval=5
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 MinJobAge={self.min_job_age}

@@ -1,7 +1,7 @@
 """The SLURM profile on a real cluster: Debian's SLURM 22.05 on this host (tests/slurm_cluster.py), driven by
 Snakemake's real executor plugin with profiles/slurm as shipped plus what a user fills in (account, partitions).
 
-- the tiny DAG through sbatch ends with the local run's results;
+- the tiny DAG (its fine-tune cut to one epoch) through sbatch ends with the same DAG's local results;
 - a fine-tune ended by its time limit (TIMEOUT) and by scancel (CANCELLED) is retried and resumes;
 - pretrain with `nodes: 2` runs one torchrun per node over two slurmd and matches 2 local ranks.
 """
@@ -102,19 +102,40 @@ def assert_readme_shows(call: str, workdir: Path, account: str):
     assert readme == [" ".join(flags.split())], (readme, flags)
 
 
+# The SLURM DAG's fine-tune: one epoch (100 iterations) instead of the preset's 10, so that the local
+# reference it is compared with costs one short fine-tune rather than a second full one.
+SHORT_FINETUNE = {"epochs": 1}
+
+
 @pytest.fixture(scope="session")
-def slurm_dag(cluster, profile, tmp_path_factory):
-    """The whole tiny DAG through sbatch, from nothing; the Snakemake output kept for the README's sbatch lines."""
+def short_config(tmp_path_factory):
+    return config_with(tmp_path_factory.mktemp("short_config"), finetune=SHORT_FINETUNE)
+
+
+@pytest.fixture(scope="session")
+def slurm_dag(cluster, profile, short_config, tmp_path_factory):
+    """The whole tiny DAG (short fine-tune) through sbatch, from nothing; the Snakemake output kept for the
+    README's sbatch lines."""
     work = tmp_path_factory.mktemp("slurm_dag")
     start = time.time()
-    proc = on_slurm(work, "all", profile, ROOT / "config" / "tiny.yaml", "--verbose")
+    proc = on_slurm(work, "all", profile, short_config, "--verbose")
     (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
     print(f"tiny DAG through SLURM: {time.time() - start:.0f} s")
     return work
 
 
-def test_tiny_dag_through_sbatch_gives_the_local_results(slurm_dag, dag, cluster):
-    """Every job of the tiny DAG ran as a SLURM job and the results are those of tests/test_pipeline.py's run."""
+@pytest.fixture(scope="session")
+def local_short_dag(dag, short_config, tmp_path_factory):
+    """The same DAG run locally: tests/test_pipeline.py's run (same assets and pretrain) with the short
+    fine-tune, which Snakemake reruns with everything after it."""
+    work = tmp_path_factory.mktemp("local_short_dag") / "w"
+    shutil.copytree(dag, work, symlinks=True)
+    run(snakemake_cmd(work, "all", short_config, "--cores", "2"), cwd=work, timeout=1800)
+    return work
+
+
+def test_tiny_dag_through_sbatch_gives_the_local_results(slurm_dag, local_short_dag, cluster):
+    """Every job of the tiny DAG ran as a SLURM job and the results are those of the same DAG run locally."""
     out = (slurm_dag / "snakemake.out").read_text()
     calls = [line for line in out.splitlines() if line.startswith("sbatch call: ")]
     run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)  # every job of the run is named so
@@ -129,14 +150,14 @@ def test_tiny_dag_through_sbatch_gives_the_local_results(slurm_dag, dag, cluster
     assert_readme_shows(finetune, slurm_dag, cluster.account)
     res = slurm_dag / "results"
     table = pd.read_csv(res / "report" / "mmbench_summary.tsv", sep="\t").set_index("dataset")
-    for dataset in ("MMBench_DEV_EN", "MMBench_DEV_CN", "CCBench"):
-        assert table.loc[dataset, "vanilla_0"] >= 0.8, table
-    # the same numbers as the local run of the same DAG (tests/test_pipeline.py): same seeds, same world size
-    local = dag
-    for stage in ("pretrain", "finetune"):
+    assert list(table.index) == ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "CCBench"], table
+    assert table["vanilla_0"].notna().sum() == 3, table  # scored where there are answers (not the TEST split)
+    # the same numbers as the local run of the same DAG: same seeds, same world size
+    local = local_short_dag
+    for stage, iterations in (("pretrain", 50), ("finetune", 100)):
         ours = [m["loss"] for m in metrics(res / stage / "final.pth" / "metrics.jsonl")]
         theirs = [m["loss"] for m in metrics(local / "results" / stage / "final.pth" / "metrics.jsonl")]
-        assert ours == pytest.approx(theirs, rel=1e-5), stage
+        assert len(ours) == iterations // 5 and ours == pytest.approx(theirs, rel=1e-5), stage
     pd.testing.assert_frame_equal(table, pd.read_csv(local / "results" / "report" / "mmbench_summary.tsv",
                                                      sep="\t").set_index("dataset"))
     attempts = (res / "logs" / "finetune.log.attempts").read_text()
