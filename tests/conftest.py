@@ -6,9 +6,40 @@ from pathlib import Path
 
 import pytest
 
+from consumer_venv import CACHE, HF_NEWEST, HF_OLDEST
+from processes import kill_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATASETS = ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "CCBench"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Slow builds a fixture needs, started in the background when the session collects a test using that
+# fixture (consumer_venv.py): fixture name -> consumer_venv.PREBUILDS names.
+BACKGROUND_PREBUILDS = {"llava_python": ["llava-official"], "hf4": [f"hf-{HF_OLDEST}", f"hf-{HF_NEWEST}"],
+                        "llama_python": ["llama-cpp"]}
+PREBUILD = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_collection_finish(session):
+    names = []  # in the order the session needs them
+    for item in session.items:
+        for fixture in getattr(item, "fixturenames", ()):
+            names += [n for n in BACKGROUND_PREBUILDS.get(fixture, []) if n not in names]
+    if names and not session.config.option.collectonly:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with open(CACHE / "prebuild.log", "w") as log:  # the last session's background build
+            cmd = ["nice", "-n", "19", sys.executable, str(Path(__file__).parent / "consumer_venv.py"), *names]
+            session.config.stash[PREBUILD] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                              start_new_session=True)
+
+
+def pytest_sessionfinish(session):
+    """A prebuild still running when the session ends (its tests deselected by -x, or interrupted) is ours
+    to end: its half-built folder is removed by the next build."""
+    proc = session.config.stash.get(PREBUILD, None)
+    if proc is not None and proc.poll() is None:
+        kill_tree(proc)
 
 
 @pytest.fixture(scope="session")

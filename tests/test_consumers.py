@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from consumer_venv import consumer_venv, run_consumer
+from consumer_venv import HF_NEWEST, HF_OLDEST, hf4_venv, llava_official_venv, run_consumer
 from llavaflow.constants import IMAGE_TOKEN_INDEX
 from llavaflow.convert.tables import clip_legacy
 from llavaflow.data.conversation import encode_prompt
@@ -24,11 +24,6 @@ from llavaflow.data.images import ImageTransform
 from llavaflow.template import PHI3_CHAT
 from llavaflow.tiny import Scene, draw
 
-# The set LLaVA's loader needs on Python 3.11 (its own pins where they matter); llava-torch itself --no-deps.
-LLAVA_REQUIREMENTS = ["transformers==4.37.2", "tokenizers==0.15.1", "accelerate==0.21.0", "huggingface_hub<0.21",
-                      "numpy<2", "pillow"]
-LLAVA_NO_DEPS = ["llava-torch==1.2.2.post1"]
-HF_OLDEST, HF_NEWEST = "4.49.0", "4.57.6"
 QUESTION = "What colour are the shapes?"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
@@ -72,7 +67,13 @@ def test_transformers_5_processor_gives_training_ids_and_pixels(reference):
 
 @pytest.fixture(scope="module")
 def llava_python():
-    return consumer_venv("llava-official", LLAVA_REQUIREMENTS, LLAVA_NO_DEPS)
+    return llava_official_venv()
+
+
+@pytest.fixture(params=[HF_OLDEST, HF_NEWEST])
+def hf4(request):
+    """(version, python) of transformers 4.x with Pillow."""
+    return request.param, hf4_venv(request.param)
 
 
 def test_official_llava_loader_reads_iter_llava(llava_python, converted, tiny, reference):
@@ -124,10 +125,9 @@ def test_iter_hf_weights_in_transformers_4_37(llava_python, converted, reference
     torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("version", [HF_OLDEST, HF_NEWEST])
-def test_iter_hf_with_transformers_4x_processor(version, converted, reference):
+def test_iter_hf_with_transformers_4x_processor(hf4, converted, reference):
     """AutoProcessor + auto model class in transformers 4.x: same prompt, ids, pixels, logits, text as 5.x."""
-    python = consumer_venv(f"hf-{version}", [f"transformers=={version}", "pillow"])
+    version, python = hf4
     work = reference["work"]
     got = run_consumer(python, "hf_llava.py", converted["out"] / "iter_hf", work / "messages.json",
                        work / "image.png", work / f"hf{version}_out.safetensors")

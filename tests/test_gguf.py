@@ -9,10 +9,8 @@ back numpy arrays.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from consumer_venv import CACHE
+from consumer_venv import llama_cpp_venv
 from processes import run_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "xtuner-0.2.0" / "converted" / "iter_4_xtuner"
-LLAMA_CPP = "llama-cpp-python==0.3.36"
-# Only the libraries the bindings load (llama, ggml, mtmd); no tools, examples, tests or server; portable
-# code (no -march=native), so a cached build never meets a CPU it was not built for.
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-              "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")
 CHAT = "<|user|>\nWhat colour is the square?<|end|>\n<|assistant|>\n"
 
 # Tolerances (README "GGUF"): text logits of the f32 GGUF vs transformers fp32; mmproj embeddings vs a
@@ -41,33 +34,17 @@ MMPROJ_EMULATION_RTOL = 5e-3
 
 
 def _run_group(cmd, env=None, timeout=None):
-    """Run in its own process group; on timeout the whole group (pip, cmake, compilers) is killed."""
+    """Run in its own process group; on timeout the whole group is killed."""
     return run_in_group(cmd, env=env, timeout=timeout)[0]
 
 
 @pytest.fixture(scope="session")
 def llama_python() -> Path:
-    """Python of a venv with llama-cpp-python (llama.cpp + mtmd built on CPU); built once, then cached."""
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    key = hashlib.sha256(f"{LLAMA_CPP}\n{CMAKE_ARGS}\n{version}".encode()).hexdigest()[:12]
-    venv = CACHE / f"llama-cpp-{key}"
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import llama_cpp, llama_cpp.mtmd_cpp"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    tmp = venv.with_name(f"{venv.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    try:  # once: 206 s on 2 idle cores (2026-11-30), far longer when they are busy
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
-        _run_group(["nice", "-n", "10", str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", LLAMA_CPP],
-                   env=env, timeout=3 * 3600)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(venv, ignore_errors=True)  # a broken earlier build of ours
-    os.replace(tmp, venv)
+    """Python of a venv with llama-cpp-python (llama.cpp + mtmd built on CPU); built once, then cached (the
+    build starts in the background when the session begins: consumer_venv.py)."""
+    python = llama_cpp_venv()
+    check = subprocess.run([str(python), "-c", "import llama_cpp, llama_cpp.mtmd_cpp"], capture_output=True, text=True)
+    assert check.returncode == 0, f"{python.parent.parent}: llama_cpp does not import:\n{check.stderr[-2000:]}"
     return python
 
 
