@@ -137,8 +137,11 @@ def main():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "llavaflow.cli", "train", "--recipe", json.dumps(recipe),
            "--work-dir", str(run / "work"), "--output", str(run / "final.pth")]
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
+    try:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
+    finally:  # a full fine-tune's final checkpoint (optimizer included) is ~57 GB: a GPU machine's disk holds one
+        subprocess.run(["rm", "-rf", str(run)], check=True)
     defaults = Recipe(stage="", llm="", visual_encoder="", datasets=[], train=[])
     speed = {k: recipe.get(k, getattr(defaults, k)) for k in ("gradient_checkpointing", "checkpoint_every_n_layers",
                                                               "packing", "fused_loss", "fused_optimizer", "compile",
