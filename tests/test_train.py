@@ -289,6 +289,18 @@ def test_pretrain_checkpoint_holds_the_trainable_parts_only(tiny, subset, tmp_pa
     assert not blob.get("frozen_param_fragments")  # ZeRO-2 copies no frozen LLM/ViT weights into the file
 
 
+def test_a_finished_run_leaves_its_process_group(tiny, subset, tmp_path):
+    """The stage destroys the group it joined (NCCL warns of leaked resources at exit otherwise)."""
+    rec = recipe(tiny, datasets=subset, train=["projector"], micro_batch_size=8, accumulative_counts=1,
+                 gradient_checkpointing=False, save_steps=1000)
+    code = ("import sys, torch; from llavaflow.cli import main; "
+            "rc = main(['train', '--recipe', sys.argv[1], '--work-dir', sys.argv[2], '--output', sys.argv[3]]); "
+            "print('rc', rc, 'group left', not torch.distributed.is_initialized())")
+    proc = run([sys.executable, "-c", code, json.dumps(rec), str(tmp_path / "w"), str(tmp_path / "o")],
+               env={"OMP_NUM_THREADS": "1"})
+    assert proc.stdout.splitlines()[-1] == "rc 0 group left True", proc.stdout[-2000:]
+
+
 def test_optimizer_offload_trains_like_the_plain_run(tiny, subset, tmp_path):
     """offload_optimizer: cpu (DeepSpeed keeps fp32 master weights and AdamW moments in host memory and
     steps there) computes the same steps; a stage that cannot offload is rejected before training."""

@@ -182,6 +182,9 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
             resume_state.publish(last, output, [work_dir / "metrics.jsonl"])
             print(f"published {last.name} as {output}", flush=True)
         torch.distributed.barrier()
+    # NCCL warns of leaked resources otherwise; only after a clean finish (a failed rank's peers may still
+    # be inside a collective, and torchrun ends them)
+    torch.distributed.destroy_process_group()
 
 
 def validate(recipe: Recipe) -> None:
