@@ -28,11 +28,12 @@ WORDS = "red green blue black white shape circle square image colour left right 
 
 
 def build_assets(work: Path, samples: int, small: bool, tiny: bool = False) -> None:
-    import torch
-    from PIL import Image
-    from transformers import CLIPImageProcessor
+    build_data(work, samples)
+    build_weights(work, small, tiny)
 
-    from llavaflow.tiny import build_tokenizer
+
+def build_data(work: Path, samples: int) -> None:
+    from PIL import Image
 
     rng = random.Random(0)
     data = work / "data"
@@ -47,6 +48,14 @@ def build_assets(work: Path, samples: int, small: bool, tiny: bool = False) -> N
             rows.append({"id": i, "image": f"images/{i}.jpg", "conversations": [
                 {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
         (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_weights(work: Path, small: bool, tiny: bool = False) -> None:
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from llavaflow.tiny import build_tokenizer
+
     if not (work / "llm" / "config.json").exists():
         tokenizer = build_tokenizer(work / "llm", [" ".join(WORDS)] * 50, seed=0)
         model, _, _ = build_model(small, tiny=tiny)

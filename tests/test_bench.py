@@ -44,7 +44,8 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     lines = [json.loads(line) for line in (out / "gpu_suite.jsonl").read_text().splitlines()]
     assert lines == [json.loads(line) for line in proc.stdout.splitlines()]
     by_name = {line["measurement"]: line for line in lines}
-    assert list(by_name) == ["env", "packed_loss", "e2e_finetune_all", "e2e_pretrain_all", "mmbench", "total"]
+    assert list(by_name) == ["env", "packed_loss", "e2e_finetune_all", "memory_finetune", "e2e_pretrain_all", "mmbench",
+                             "total"]
     assert not [line for line in lines if "error" in line] and by_name["total"]["failed"] == 0
     assert by_name["env"]["torch"] and by_name["env"]["deepspeed"] and by_name["env"]["device"] == "cpu"
     packed = by_name["packed_loss"]
@@ -58,10 +59,42 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     assert 1 > by_name["e2e_finetune_all"]["predicted_peak_gib"] > by_name["e2e_pretrain_all"]["predicted_peak_gib"] > 0
     assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
     assert by_name["mmbench"]["fast_stage_rows_per_s"] > 0
+    memory = by_name["memory_finetune"]  # the recipe's settings, through DeepSpeed; CUDA's figures are absent
+    assert memory["gradient_checkpointing"] is True and memory["packing"] is False and 0 < memory["loss"] < 20
+    assert memory["rows"] == 2 * (511 + 576) and memory["phase_peak_gib"] == {"forward": None, "backward": None, "step": None}
+    assert 1 > memory["predicted_peak_gib"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu_suite.jsonl", "gpu_suite.log"]  # the device tool returns 8 files
     assert "==== e2e_finetune_all (" in (out / "gpu_suite.log").read_text()
     # each run's folder (a real fine-tune's final checkpoint is ~57 GB) is gone once measured: the assets stay
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["data", "llm", "vit"]
+
+
+def test_memory_phases_finds_what_is_alive_at_the_peak():
+    """memory_phases.py's reading of torch's allocation trace (only a GPU records one): the peak is where the
+    running total is highest, and the allocations alive then are grouped by the first frame outside torch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_phases", ROOT / "bench" / "memory_phases.py")
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 3, "name": "linear"}
+
+    def ours(line):
+        return [torch_frame, {"filename": "/r/workflow/llavaflow/model/llava.py", "line": line, "name": "forward"}]
+
+    gib = 2**30
+    trace = [{"action": "alloc", "addr": 1, "size": 2 * gib, "frames": ours(10)},
+             {"action": "alloc", "addr": 2, "size": 3 * gib, "frames": ours(20)},
+             {"action": "free_requested", "addr": 1, "size": 2 * gib},  # not yet freed: still counted
+             {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": ours(20)},
+             {"action": "free_completed", "addr": 1, "size": 2 * gib},
+             {"action": "free_completed", "addr": 99, "size": 4 * gib},  # allocated before the trace began
+             {"action": "alloc", "addr": 4, "size": 1 * gib, "frames": [torch_frame]}]
+    peak, live = phases.live_at_peak(trace, baseline=10 * gib)
+    assert peak == 16 * gib and sorted(a["addr"] for a in live) == [1, 2, 3]
+    assert phases.by_place(live) == [("/r/workflow/llavaflow/model/llava.py:20 forward", 4.0),
+                                     ("/r/workflow/llavaflow/model/llava.py:10 forward", 2.0)]
+    assert phases.where([torch_frame]) == "torch/nn/functional.py:3 linear"  # nothing of ours: the top frame
 
 
 def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
