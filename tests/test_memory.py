@@ -64,6 +64,33 @@ def test_full_checkpointing_keeps_the_block_input_only():
     assert got == tokens * (llm_layer_saved(256, 512, 8, "full", 4) + 8)  # + the int64 position ids
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_full_checkpointing_applies_to_every_block_of_the_whole_model(tiny, packing):
+    """LlavaModel end to end (ViT, projector, splice, every LLM block, HF's loss) on a ragged batch: without
+    checkpointing autograd keeps about what the memory model counts; under full checkpointing no block's
+    insides are kept in the graph (the checkpoint holds each block's input; the H200's recipe run peaked as if
+    checkpointing were off: bench/README.md)."""
+    from test_speed import ragged_batch
+
+    from llavaflow.model.build import build_llava
+
+    saved, counted = {}, {}
+    for policy in ("none", "full"):
+        torch.manual_seed(0)
+        model = build_llava(str(tiny["llm"]), str(tiny["vit"])).train()
+        if policy == "full":
+            model.enable_gradient_checkpointing(policy)
+        if packing:
+            model.enable_packing()
+        batch = ragged_batch(model, lengths=(40, 23, 31))
+        image_rows = model.encode_images(batch["pixel_values"][:1]).shape[1]
+        rows = sum(n - 1 + image_rows for n in (40, 23, 31)) if packing else 3 * (40 - 1 + image_rows)
+        saved[policy] = saved_bytes(lambda: model(**batch).loss, model.parameters())
+        counted[policy] = estimate(Shapes.of(model), tokens=rows, images=3, policy=policy, dtype_bytes=4).activations
+    assert saved["none"] == pytest.approx(counted["none"], rel=0.2), (saved, counted)
+    assert saved["full"] <= counted["full"] and saved["full"] < saved["none"] / 3, (saved, counted)
+
+
 def test_parameter_and_optimizer_state_counts():
     # The real architecture on the meta device: 4.137B parameters (performance.md §1), 7.7 GiB in bf16.
     shapes = Shapes.of(build_reference_llava("meta"))
