@@ -45,10 +45,11 @@ def live_at_peak(trace: list[dict], baseline: int) -> tuple[int, list[dict]]:
 
 def where(frames: list[dict]) -> str:
     """The first frame that is not inside torch or DeepSpeed (llavaflow's or transformers' code), else the top one."""
-    for frame in frames:
-        if not any(part in frame["filename"] for part in LIBRARY_PARTS):
-            return f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
-    return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+    ours = [f for f in frames if not any(part in f["filename"] for part in LIBRARY_PARTS)]
+    if not frames:
+        return "?"
+    frame = (ours or frames)[0]
+    return f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
 
 
 def by_place(allocations: list[dict], top: int = 12) -> list[tuple[str, float]]:
