@@ -20,7 +20,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-GiB = 2**30
+from llavaflow.train.memory import GiB
+
 LIBRARY_PARTS = ("/torch/", "/deepspeed/", "/contextlib.py", "/functools.py", "/threading.py")
 
 
