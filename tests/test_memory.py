@@ -91,6 +91,31 @@ def test_full_checkpointing_applies_to_every_block_of_the_whole_model(tiny, pack
     assert saved["full"] <= counted["full"] and saved["full"] < saved["none"] / 3, (saved, counted)
 
 
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_a_training_stage_checkpoints_the_model_it_builds(tiny, policy):
+    """The training loop's own model (build_model from a recipe, the LLM and ViT read with from_pretrained) runs
+    its blocks checkpointed. Until 2026-12-01 it did not: from_pretrained returns modules in eval mode, where
+    transformers' blocks skip checkpointing, so the H200's runs of 2026-11-30 trained with none (bench/README.md)."""
+    from test_speed import ragged_batch
+
+    from llavaflow.train.loop import build_model
+    from llavaflow.train.recipe import Recipe
+
+    saved = {}
+    for setting in ("none", policy):
+        torch.manual_seed(0)
+        model = build_model(Recipe(stage="finetune", llm=str(tiny["llm"]), visual_encoder=str(tiny["vit"]), datasets=[],
+                                   train=["llm", "visual_encoder", "projector"], gradient_checkpointing=setting))
+        batch = ragged_batch(model, lengths=(40, 23, 31))
+        saved[setting] = saved_bytes(lambda: model(**batch).loss, model.parameters())
+    rows = 3 * (40 - 1 + model.encode_images(batch["pixel_values"][:1]).shape[1])
+    assert saved["none"] == pytest.approx(estimate(Shapes.of(model), tokens=rows, images=3, policy="none",
+                                                   dtype_bytes=4).activations, rel=0.2), saved
+    # Either policy leaves only the blocks' inputs in autograd's graph (what selective keeps besides is held by
+    # the checkpoint's own cache, which these hooks do not see; test_speed checks its values).
+    assert saved[policy] < saved["none"] / 3, saved
+
+
 def test_parameter_and_optimizer_state_counts():
     # The real architecture on the meta device: 4.137B parameters (performance.md §1), 7.7 GiB in bf16.
     shapes = Shapes.of(build_reference_llava("meta"))

@@ -82,7 +82,9 @@ def build_model(recipe: Recipe):
         log.info("initialised %d tensors from %s", len(state), recipe.init_from)
     model.set_trainable(recipe.train)
     apply_speedups(model, recipe)
-    return model
+    # from_pretrained hands back the LLM and ViT in eval mode, where transformers' blocks skip activation
+    # checkpointing (and dropout): the whole model trains in training mode, frozen parts included, as xtuner's.
+    return model.train()
 
 
 def apply_speedups(model, recipe: Recipe) -> None:
