@@ -84,7 +84,7 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
              # checkpoint (~57 GB with the optimizer) is written and removed in each
              train("e2e_finetune_plain", "finetune", {}, 300),
              train("e2e_finetune_all", "finetune", fast, 300),
-             # where the recipe's step peaks (105.2 GiB measured against 78.9 predicted on the H200)
+             # the recipe's peak per phase, against llavaflow.train.memory's figures
              ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
               + (["--micro-batch", "2"] if small else []), 180),
              train("e2e_pretrain_plain", "pretrain", {}, 90),

@@ -1,10 +1,10 @@
 """Where one training step's GPU memory peaks, at the real size with a recipe's settings, printed as JSON.
 
-The H200 run of 2026-11-30 measured 105.2 GiB for the fine-tune recipe (ZeRO-2, full checkpointing, padded
-batch) where llavaflow.train.memory predicts 78.9, and 88.8 against 84.8 with the fast settings. This runs
-the training loop's own pieces (`build_model`, `build_optimizer`, `deepspeed_config`, one ZeRO-2 engine) for
-two steps on one synthetic micro-batch and reports, for the second step (the first allocates the AdamW
-moments): the peak of forward, backward and the optimizer step (`max_memory_allocated`, reset per phase),
+Written when the H200's fine-tune runs of 2026-11-30 peaked 26 GiB above llavaflow.train.memory's figure (they
+ran without checkpointing: the loop's model was left in eval mode; bench/README.md), it checks the model phase
+by phase with checkpointing in effect. It runs the training loop's own pieces (`build_model`,
+`build_optimizer`, `deepspeed_config`, one ZeRO-2 engine) for two steps on one synthetic micro-batch and
+reports, for the second step (the first allocates the AdamW moments): the peak of forward, backward and the optimizer step (`max_memory_allocated`, reset per phase),
 and the allocations alive at the step's peak grouped by the first Python frame outside torch and DeepSpeed
 (from torch's allocation trace), largest first, next to the model's figures.
 
@@ -92,7 +92,6 @@ def main():
     model = loop.build_model(recipe)
     optimizer = loop.build_optimizer([q for q in model.parameters() if q.requires_grad], recipe, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=loop.deepspeed_config(recipe, 1, precision))
-    engine.train()
     batch = make_batch([args.text] * args.micro_batch, model.visual_encoder.config.image_size, seed=0)
     batch = {k: v.to(device) for k, v in batch.items()}
 

@@ -6,8 +6,11 @@ rank it shards nothing):
   grads         ZeRO's contiguous gradient partition, compute dtype (2 B); plus the reduce bucket(s)
   master        the fp32 copy the optimizer steps (4 B)
   adam          exp_avg + exp_avg_sq, fp32 (8 B)
-  step_grad     at the step, the fp32 copy of the gradient partition (4 B)
-With offload_optimizer=cpu, master, adam and step_grad live in host memory and the GPU keeps weights and
+  step_grad     at the step, the fp32 copy of the gradient partition (4 B) and, while it is cast, the flat
+                compute-dtype copy it is cast from (2 B in bf16; in fp32 the cast is a no-op) - or, with a
+                non-fused (foreach) AdamW, its sqrt(exp_avg_sq) temporary (4 B) during the update instead.
+                DeepSpeed 0.19's ZeRO-1/2 step; tests/test_memory.py measures it through the loop's engine.
+With offload_optimizer=cpu, master, adam and the fp32 gradients live in host memory and the GPU keeps weights and
 the reduce buckets (gradients are copied to the host bucket by bucket).
 
 Activations, per token and layer, counted from the tensors autograd keeps for backward in a Phi-3 decoder
@@ -110,13 +113,14 @@ class Estimate:
 
 def estimate(shapes: Shapes, *, tokens: int, images: int, policy: str, dtype_bytes: int = 2, world: int = 1,
              offload_optimizer: str = "none", fused_loss: bool = False, trains_vit: bool = True,
-             overlap_comm: bool = True) -> Estimate:
+             overlap_comm: bool = True, fused_optimizer: bool = True) -> Estimate:
     """One rank's memory for a micro-batch of `tokens` LLM tokens (image rows included) and `images` images."""
     p, t = shapes.params, shapes.trainable
     buckets = (2 if overlap_comm else 1) * min(REDUCE_BUCKET, t) * dtype_bytes
     offload = offload_optimizer != "none"
     part = t / world
-    states = {"master": 4 * part, "adam": 8 * part, "step_grad": 4 * part}
+    flat_copy = 0 if dtype_bytes == 4 else dtype_bytes  # what the fp32 gradient copy is cast from
+    step_grad = (4 + max(flat_copy, 0 if fused_optimizer else 4)) * part
     grads = buckets + (0 if offload else dtype_bytes * part)
     llm = shapes.llm_layers * llm_layer_saved(shapes.hidden, shapes.ffn, shapes.heads, policy, dtype_bytes) * tokens
     if policy == "full":  # one block recomputed at a time during backward
@@ -125,6 +129,6 @@ def estimate(shapes: Shapes, *, tokens: int, images: int, policy: str, dtype_byt
     vit = shapes.vit_layers * vit_layer_saved(shapes.vit_hidden, shapes.vit_ffn, shapes.vit_heads, policy,
                                               dtype_bytes) * images * shapes.vit_tokens if trains_vit else 0
     logits = 0 if fused_loss else tokens * shapes.vocab * (dtype_bytes + 4 + 4)
-    return Estimate(weights=dtype_bytes * p, grads=grads, master=0 if offload else states["master"],
-                    adam=0 if offload else states["adam"], step_grad=0 if offload else states["step_grad"],
-                    activations=llm + vit + logits, host=sum(states.values()) if offload else 0)
+    return Estimate(weights=dtype_bytes * p, grads=grads, master=0 if offload else 4 * part,
+                    adam=0 if offload else 8 * part, step_grad=0 if offload else step_grad,
+                    activations=llm + vit + logits, host=16 * part if offload else 0)  # master, moments, fp32 grads
