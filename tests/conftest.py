@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer_venv import CACHE, HF_NEWEST, HF_OLDEST
+from consumer_venv import CACHE, HF_NEWEST, HF_OLDEST, hf4_name
 from processes import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Slow builds a fixture needs, started in the background when the session collects a test using that
 # fixture (consumer_venv.py): fixture name -> consumer_venv.PREBUILDS names.
-BACKGROUND_PREBUILDS = {"llava_python": ["llava-official"], "hf4": [f"hf-{HF_OLDEST}", f"hf-{HF_NEWEST}"],
+BACKGROUND_PREBUILDS = {"llava_python": ["llava-official"], "hf4": [hf4_name(HF_OLDEST), hf4_name(HF_NEWEST)],
                         "llama_python": ["llama-cpp"]}
 PREBUILD = pytest.StashKey[subprocess.Popen]()
 

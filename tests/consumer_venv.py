@@ -13,6 +13,7 @@ same lock and finds its venv built (or waits for it, or builds it itself when th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -100,13 +101,18 @@ def llava_official_venv() -> Path:
     return consumer_venv("llava-official", LLAVA_REQUIREMENTS, LLAVA_NO_DEPS)
 
 
+def hf4_name(version: str) -> str:
+    """The venv's (and its background prebuild's) name."""
+    return f"hf-{version}"
+
+
 def hf4_venv(version: str) -> Path:
-    return consumer_venv(f"hf-{version}", [f"transformers=={version}", "pillow"])
+    return consumer_venv(hf4_name(version), [f"transformers=={version}", "pillow"])
 
 
 # by the name the background prebuild is given
-PREBUILDS = {"llava-official": llava_official_venv, f"hf-{HF_OLDEST}": lambda: hf4_venv(HF_OLDEST),
-             f"hf-{HF_NEWEST}": lambda: hf4_venv(HF_NEWEST), "llama-cpp": llama_cpp_venv}
+PREBUILDS = {"llava-official": llava_official_venv, "llama-cpp": llama_cpp_venv,
+             **{hf4_name(v): functools.partial(hf4_venv, v) for v in (HF_OLDEST, HF_NEWEST)}}
 
 
 def run_consumer(python: Path, script: str, *args, timeout: int = 600) -> dict:
