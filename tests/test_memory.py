@@ -121,6 +121,22 @@ def test_a_training_stage_checkpoints_the_model_it_builds(tiny, policy):
     assert saved[policy] < saved["none"] / 3, saved
 
 
+def test_a_frozen_vit_stays_out_of_the_graph(tiny):
+    """The pretrain (projector only, checkpointing on): the frozen ViT's features need no gradient, so autograd
+    keeps nothing of it and backward stops at the projector, as the memory model counts. xtuner's
+    enable_input_require_grads, which reentrant checkpointing needs, made the frozen ViT run backward."""
+    from llavaflow.train.loop import build_model
+    from llavaflow.train.recipe import Recipe
+
+    model = build_model(Recipe(stage="pretrain", llm=str(tiny["llm"]), visual_encoder=str(tiny["vit"]), datasets=[],
+                               train=["projector"], gradient_checkpointing=True))
+    size = model.visual_encoder.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    hidden = model.visual_encoder(pixels, output_hidden_states=True).hidden_states
+    assert not any(h.requires_grad for h in hidden)
+    assert model.encode_images(pixels).requires_grad
+
+
 def test_the_optimizer_step_allocates_what_the_model_counts(tiny, tmp_path):
     """DeepSpeed's ZeRO-2 step through the training loop's own model, optimizer and config (CPU, one rank): on
     top of the states it allocates the fp32 gradient copy and, while casting, the flat bf16 copy it is cast from

@@ -41,10 +41,10 @@ class LlavaModel(nn.Module):
     def enable_gradient_checkpointing(self, policy: str = "full", every_n_layers: int = 1) -> None:
         """Checkpoint every `every_n_layers`-th block of the LLM and ViT (and the projector) under `policy`."""
         kwargs = checkpoint_kwargs(policy)
-        # As xtuner: inputs must require grad so checkpointed frozen blocks still pass gradients on.
+        # Non-reentrant checkpointing passes gradients on through frozen blocks by itself: xtuner's
+        # enable_input_require_grads (for reentrant checkpointing) would only make a frozen ViT run backward.
         for name in MODEL_PARTS:
             module = getattr(self, name)
-            module.enable_input_require_grads()
             if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
                 module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
             else:
