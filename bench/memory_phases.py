@@ -4,9 +4,10 @@ Written when the H200's fine-tune runs of 2026-11-30 peaked 26 GiB above llavafl
 ran without checkpointing: the loop's model was left in eval mode; bench/README.md), it checks the model phase
 by phase with checkpointing in effect. It runs the training loop's own pieces (`build_model`,
 `build_optimizer`, `deepspeed_config`, one ZeRO-2 engine) for two steps on one synthetic micro-batch and
-reports, for the second step (the first allocates the AdamW moments): the peak of forward, backward and the optimizer step (`max_memory_allocated`, reset per phase),
-and the allocations alive at the step's peak grouped by the first Python frame outside torch and DeepSpeed
-(from torch's allocation trace), largest first, next to the model's figures.
+reports, for the second step (the first allocates the AdamW moments): the peak of forward, backward and the
+optimizer step (`max_memory_allocated`, reset per phase), and the allocations alive at the step's peak grouped
+by the first Python frame outside torch and DeepSpeed (from torch's allocation trace), largest first, next to
+the model's figures.
 
   python3 memory_phases.py --work /tmp/llavaflow-gpu-suite                       # the recipe
   python3 memory_phases.py --work /tmp/llavaflow-gpu-suite --set packing=true 'gradient_checkpointing="selective"'

@@ -146,8 +146,11 @@ def test_speed_settings_train_like_the_plain_run_and_may_change_on_resume(tiny, 
     curve; they are not part of the run's identity, so a run resumes across a change of them."""
     plain = recipe(tiny, datasets=subset, micro_batch_size=4, accumulative_counts=1, save_steps=3, epochs=2)
     fast = dict(plain, packing=True, fused_loss=True, gradient_checkpointing="selective", fused_optimizer=True)
-    torchrun(2, plain, tmp_path / "w1", tmp_path / "o1")
-    torchrun(2, fast, tmp_path / "w2", tmp_path / "o2")
+    plain_log = torchrun(2, plain, tmp_path / "w1", tmp_path / "o1").stdout
+    fast_log = torchrun(2, fast, tmp_path / "w2", tmp_path / "o2").stdout
+    # every block of the tiny LLM and ViT (2 + 2) checkpoints, as the run says
+    assert "checkpointing full on 4 of 4 blocks" in plain_log, plain_log
+    assert "checkpointing selective on 4 of 4 blocks" in fast_log, fast_log
     m1, m2 = metrics(tmp_path / "o1" / "metrics.jsonl"), metrics(tmp_path / "o2" / "metrics.jsonl")
     assert len(m1) == len(m2) == 12
     # Same math, other summation order: the first loss agrees to float rounding, and after 12 steps of

@@ -57,6 +57,14 @@ class LlavaModel(nn.Module):
         self.llm.set_attn_implementation(VARLEN)
         self.packing = True
 
+    def checkpointed_blocks(self) -> tuple[int, int]:
+        """(blocks of the LLM and ViT that a training forward checkpoints now, all of them): transformers'
+        blocks checkpoint only when enabled and in training mode."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in self.modules() if isinstance(m, GradientCheckpointingLayer)]
+        return sum(1 for m in blocks if m.gradient_checkpointing and m.training), len(blocks)
+
     def compile_blocks(self) -> None:
         """torch.compile each transformer block of the LLM and ViT (as torchtune does): small graphs
         that compile once per block type, and no graph breaks from the Python splicing around them."""

@@ -222,8 +222,10 @@ def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torc
                                            config=deepspeed_config(recipe, world, precision))
     start = _resume(engine, work_dir)
     if rank == 0:
+        checkpointed, blocks = model.checkpointed_blocks()
         print(f"{recipe.stage}: {len(dataset)} samples, {world} rank(s), {precision}, {total} iterations "
               f"({iters_per_epoch}/epoch), {sum(p.numel() for p in params):,} trainable parameters, "
+              f"checkpointing {normalise_policy(recipe.gradient_checkpointing)} on {checkpointed} of {blocks} blocks, "
               f"{'resuming at iteration ' + str(start) if start else 'starting fresh'}", flush=True)
     return Run(recipe=recipe, engine=engine, dataset=dataset, sampler=sampler, work_dir=work_dir, rank=rank,
                world=world, device=device, patches=patches, flop_model=FlopModel.of(model), start=start, total=total,
