@@ -10,8 +10,8 @@ rank it shards nothing):
                 compute-dtype copy it is cast from (2 B in bf16; in fp32 the cast is a no-op) - or, with a
                 non-fused (foreach) AdamW, its sqrt(exp_avg_sq) temporary (4 B) during the update instead.
                 DeepSpeed 0.19's ZeRO-1/2 step; tests/test_memory.py measures it through the loop's engine.
-With offload_optimizer=cpu, master, adam and the fp32 gradients live in host memory and the GPU keeps weights and
-the reduce buckets (gradients are copied to the host bucket by bucket).
+With offload_optimizer=cpu, master, adam and the fp32 gradients live in host memory and the GPU keeps weights
+and the reduce buckets (gradients are copied to the host bucket by bucket).
 
 Activations, per token and layer, counted from the tensors autograd keeps for backward in a Phi-3 decoder
 layer (HF's modules: unfused RMSNorm that upcasts to fp32, fused qkv and gate_up projections, SDPA that
