@@ -15,6 +15,7 @@ compilation and warm-up are left out). Next to the measured peak memory it print
 import argparse
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,9 @@ def main():
            "-m", "llavaflow.cli", "train", "--recipe", json.dumps(recipe),
            "--work-dir", str(run / "work"), "--output", str(run / "final.pth")]
     try:
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        sys.stdout.write(proc.stdout)  # the run's own lines, to the suite's log
+        proc.check_returncode()
         records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
     finally:  # a full fine-tune's final checkpoint (optimizer included) is ~57 GB: a GPU machine's disk holds one
         subprocess.run(["rm", "-rf", str(run)], check=True)
@@ -156,11 +159,14 @@ def main():
                                                               "packing", "fused_loss", "fused_optimizer", "compile",
                                                               "offload_optimizer")}
     rate = windowed_rate(records, args.skip)
+    # what the run says it checkpointed (the H200's runs of 2026-11-30 silently checkpointed nothing)
+    said = re.search(r"checkpointing \w+ on (\d+) of (\d+) blocks", proc.stdout)
     dtype_bytes = 2 if device_name() != "cpu" else 4  # the loop's precision: bf16 on a GPU, fp32 on a CPU
     predicted = predicted_peak_gib(args.work, args.stage, speed, args.micro_batch, rate["max_micro_batch_rows"],
                                    dtype_bytes)
     print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small or args.tiny,
-                      "micro_batch": args.micro_batch, **speed, **rate, "predicted_peak_gib": predicted}))
+                      "micro_batch": args.micro_batch, **speed, **rate, "predicted_peak_gib": predicted,
+                      "checkpointed_blocks": f"{said[1]}/{said[2]}" if said else None}))
 
 
 if __name__ == "__main__":

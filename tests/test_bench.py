@@ -58,6 +58,9 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     # the memory model's peaks for these width-64 stand-ins (fp32): the fine-tune adds every optimizer state
     assert 1 > by_name["e2e_finetune_all"]["predicted_peak_gib"] > by_name["e2e_pretrain_all"]["predicted_peak_gib"] > 0
     assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
+    # every block of the 2-layer LLM and ViT checkpoints in the fine-tune; the pretrain runs without
+    assert by_name["e2e_finetune_all"]["checkpointed_blocks"] == "4/4"
+    assert by_name["e2e_pretrain_all"]["checkpointed_blocks"] == "0/4"
     assert by_name["mmbench"]["fast_stage_rows_per_s"] > 0
     memory = by_name["memory_finetune"]  # the recipe's settings, through DeepSpeed; CUDA's figures are absent
     assert memory["gradient_checkpointing"] is True and memory["packing"] is False and 0 < memory["loss"] < 20
