@@ -196,3 +196,11 @@ def test_the_per_rank_peaks_on_eight_ranks(policy, peak_gib):
     """bench/README.md: ZeRO-2 over eight ranks at micro-batch 8, 780 tokens per sample."""
     est = estimate(Shapes.of(build_reference_llava("meta")), tokens=8 * 780, images=8, policy=policy, world=8)
     assert round(est.peak / GiB, 1) == peak_gib
+
+
+def test_the_pretrain_bench_fits_without_checkpointing():
+    """bench/README.md: the pretrain (projector trains, ViT and LLM frozen) at micro-batch 8 with no checkpointing."""
+    model = build_reference_llava("meta")
+    shapes = dataclasses.replace(Shapes.of(model), trainable=sum(p.numel() for p in model.projector.parameters()))
+    est = estimate(shapes, tokens=8 * 780, images=8, policy="none", trains_vit=False)
+    assert round(est.peak / GiB, 1) == 39.1
