@@ -78,7 +78,6 @@ def test_full_checkpointing_applies_to_every_block_of_the_whole_model(tiny, pack
     here; that the training loop does so too is the next test's."""
     from test_speed import ragged_batch
 
-
     saved, counted = {}, {}
     for policy in ("none", "full"):
         torch.manual_seed(0)
