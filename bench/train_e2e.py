@@ -87,11 +87,12 @@ def windowed_rate(records: list[dict], skip: int) -> dict:
             "max_memory_gib": round(b["max_memory_gib"], 1) if "max_memory_gib" in b else None}
 
 
+TRAINS = {"pretrain": ["projector"], "finetune": ["llm", "visual_encoder", "projector"]}  # the recipe's stages
+
+
 def predicted_peak_gib(work: Path, stage: str, speed: dict, micro_batch: int, rows: int, dtype_bytes: int) -> float:
     """The memory model's peak for this run's shapes (built on the meta device from the saved configs) and its
     largest micro-batch (`rows` decoder rows, `micro_batch` images), one rank."""
-    import dataclasses
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
@@ -104,9 +105,8 @@ def predicted_peak_gib(work: Path, stage: str, speed: dict, micro_batch: int, ro
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(work / "llm"))
         vit = CLIPVisionModel(CLIPVisionConfig.from_pretrained(work / "vit"))
         model = LlavaModel(llm, vit, new_projector(vit.config.hidden_size, llm.config.hidden_size, 2))
+    model.set_trainable(TRAINS[stage])
     shapes = Shapes.of(model)
-    if stage == "pretrain":
-        shapes = dataclasses.replace(shapes, trainable=sum(p.numel() for p in model.projector.parameters()))
     est = estimate(shapes, tokens=rows, images=micro_batch, policy=normalise_policy(speed["gradient_checkpointing"]),
                    dtype_bytes=dtype_bytes, offload_optimizer=speed["offload_optimizer"], fused_loss=speed["fused_loss"],
                    trains_vit=stage == "finetune", overlap_comm=dtype_bytes == 2)
@@ -132,7 +132,7 @@ def main():
     recipe = {
         "stage": args.stage, "llm": str(args.work / "llm"), "visual_encoder": str(args.work / "vit"),
         "datasets": [{"annotation": str(args.work / "data" / "train.jsonl"), "image_folder": str(args.work / "data")}],
-        "train": ["projector"] if args.stage == "pretrain" else ["llm", "visual_encoder", "projector"],
+        "train": TRAINS[args.stage],
         "pad_image_to_square": args.stage == "finetune", "micro_batch_size": args.micro_batch,
         "accumulative_counts": 1, "lr": 2e-5, "epochs": 1, "max_length": 2048,
         "sampler": "length_grouped" if args.stage == "finetune" else "shuffle",

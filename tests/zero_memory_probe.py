@@ -1,10 +1,13 @@
 """Run by test_memory.py in a process of its own (DeepSpeed needs a process group): the bytes DeepSpeed's ZeRO-2
-optimizer step allocates for a while on top of what already exists, through the training loop's own pieces.
+allocates through the training loop's own model, optimizer and config, from its initialisation on.
 
-Usage: python step_memory_probe.py RECIPE.json. For each {"precision", "fused_optimizer"} in the recipe's
-"cases", builds the loop's model, optimizer and DeepSpeed config, runs two steps on one batch, and prints one
-JSON line: the trainable parameter count and the peak of the storages created during the second step and
-alive together (a CPU run: torch keeps no allocator statistics there, so a dispatch mode counts them).
+Usage: python zero_memory_probe.py RECIPE.json. For each case in the recipe's "cases" (recipe keys: precision,
+fused_optimizer, offload_optimizer, accumulative_counts), builds the loop's model, optimizer and DeepSpeed
+engine and runs two optimizer steps on one batch, then prints one JSON line for the last micro-step: the
+bytes alive after its backward (`resident`), what its backward allocated for a while on top of what was
+alive when it began (`backward_extra`: the reduce buckets), and what the optimizer step did on top of
+`resident` (`step_extra`). A CPU run: torch keeps no allocator statistics there, so a dispatch mode counts the
+storages created since the engine's initialisation; what existed before (the fp32 model) is not counted.
 """
 
 import json
@@ -38,7 +41,7 @@ class NewStorages(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
-            if ptr in inputs or ptr in self.live or storage.nbytes() == 0:
+            if t.device.type == "meta" or ptr in inputs or ptr in self.live or storage.nbytes() == 0:
                 continue
             self.live[ptr] = storage.nbytes()
             self.total += storage.nbytes()
@@ -58,18 +61,22 @@ def main():
         torch.manual_seed(0)
         model = loop.build_model(recipe)
         params = [p for p in model.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=loop.build_optimizer(params, recipe, device),
-            config=loop.deepspeed_config(recipe, world, recipe.precision))
         ids = torch.randint(0, model.llm.config.vocab_size, (4, 16))  # the recipe trains the LLM: all of it is used
-        for step in range(2):  # the first step also creates the AdamW moments
-            engine.backward(engine.module.llm(input_ids=ids, labels=ids).loss)
-            tracker = NewStorages()
-            with tracker:
+        tracker = NewStorages()
+        with tracker:
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=loop.build_optimizer(params, recipe, device),
+                config=loop.deepspeed_config(recipe, world, recipe.precision))
+            for _ in range(2 * recipe.accumulative_counts):  # the first step also creates the AdamW moments
+                loss = engine.module.llm(input_ids=ids, labels=ids).loss
+                began = tracker.peak = tracker.total
+                engine.backward(loss)
+                resident, backward_peak = tracker.total, tracker.peak
+                tracker.peak = tracker.total
                 engine.step()
-        print(json.dumps({**case, "trainable": sum(p.numel() for p in params), "step_peak_bytes": tracker.peak}),
-              flush=True)
-        del engine, model
+        print(json.dumps({**case, "trainable": sum(p.numel() for p in params), "resident": resident,
+                          "backward_extra": backward_peak - began, "step_extra": tracker.peak - resident}), flush=True)
+        del engine, model, loss
     torch.distributed.destroy_process_group()
 
 
