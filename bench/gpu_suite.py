@@ -11,7 +11,7 @@ extra one could crowd out the JSON lines). Measurements run in order of importan
 a line) once the time budget is spent, so the file always holds what finished.
 
   env            torch / CUDA / GPU / transformers / DeepSpeed versions, whether varlen_attn is usable
-  packed_loss    the varlen_attn packed path's loss and gradient against the padded path (bf16 tolerance)
+  packed_loss    the varlen_attn packed path's loss and gradient against the padded path and an fp32 reference
   e2e_*          `llavaflow train` end to end at the real size (DeepSpeed ZeRO-2, JPEG loading, loop):
                  fine-tune plain (the recipe: full checkpointing), each speed setting alone, all together;
                  pretrain plain and all together; the fine-tune with offload_optimizer=cpu.
