@@ -91,8 +91,10 @@ def main():
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     model = loop.build_model(recipe)
-    optimizer = loop.build_optimizer([q for q in model.parameters() if q.requires_grad], recipe, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=loop.deepspeed_config(recipe, 1, precision))
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = loop.build_optimizer(params, recipe, device)
+    config = loop.deepspeed_config(recipe, 1, precision, trainable=sum(q.numel() for q in params))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     batch = make_batch([args.text] * args.micro_batch, model.visual_encoder.config.image_size, seed=0)
     batch = {k: v.to(device) for k, v in batch.items()}
 

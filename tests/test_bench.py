@@ -57,10 +57,8 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
         assert by_name[name]["packing"] is True and by_name[name]["fused_loss"] is True, by_name[name]
         # packed micro-batches of 2 samples, each with an image of 576 rows (336 px, 14 px patches) and text
         assert 2 * 576 < by_name[name]["max_micro_batch_rows"] < 2 * (576 + 2048), by_name[name]
-    # the memory model's peaks for these width-64 stand-ins (fp32): DeepSpeed's reduce bucket (5e8 fp32 elements,
-    # one without overlap_comm) and under a GiB more; the fine-tune adds every optimizer state
-    bucket = 5e8 * 4 / 2**30
-    assert bucket + 1 > by_name["e2e_finetune_all"]["predicted_peak_gib"] > by_name["e2e_pretrain_all"]["predicted_peak_gib"] > bucket
+    # the memory model's peaks for these width-64 stand-ins (fp32): the fine-tune adds every optimizer state
+    assert 1 > by_name["e2e_finetune_all"]["predicted_peak_gib"] > by_name["e2e_pretrain_all"]["predicted_peak_gib"] > 0
     assert by_name["e2e_finetune_all"]["gradient_checkpointing"] == "selective"
     # every block of the 2-layer LLM and ViT checkpoints in the fine-tune; the pretrain runs without
     assert by_name["e2e_finetune_all"]["checkpointed_blocks"] == "4/4"
@@ -69,7 +67,7 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     memory = by_name["memory_finetune"]  # the recipe's settings, through DeepSpeed; CUDA's figures are absent
     assert memory["gradient_checkpointing"] is True and memory["packing"] is False and 0 < memory["loss"] < 20
     assert memory["rows"] == 2 * (511 + 576) and memory["phase_peak_gib"] == {"forward": None, "backward": None, "step": None}
-    assert bucket + 1 > memory["predicted_peak_gib"] > bucket
+    assert 1 > memory["predicted_peak_gib"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu_suite.jsonl", "gpu_suite.log"]  # the device tool returns 8 files
     assert "==== e2e_finetune_all (" in (out / "gpu_suite.log").read_text()
     # each run's folder (a real fine-tune's final checkpoint is ~57 GB) is gone once measured: the assets stay

@@ -143,8 +143,9 @@ def test_deepspeed_allocates_what_the_model_counts(tiny, tmp_path):
       gradients (16 B), the bf16 partition the weights go back through (2 B), with accumulative_counts > 1 a
       bf16 gradient accumulator (2 B), and a second staging buffer: 4 B more than the model counted until
       2026-12-01, 15.4 GiB at the real size.
-    - Backward's reduce buckets, allocated whole (2 x 5e8 bf16 elements) whatever the trainable count: the model
-      counted them only as large as the trainable count, and also at the step, where they are gone.
+    - Backward's reduce buckets, allocated whole at every backward and gone by the step, where the model counted
+      them too: two of the trainable count's bf16 elements, as the loop caps DeepSpeed's 5e8 (uncapped, DeepSpeed
+      allocated 1.9 GiB of them for a projector); the gradient being copied in comes on top.
     - The step: the fp32 gradient copy and the bf16 copy it is cast from (6 B/param), 4 in fp32; a foreach
       AdamW's temporary comes after the partition is freed (6 B/param too; offloaded, 4 on the host)."""
     cases = [{"precision": "bf16", "fused_optimizer": True}, {"precision": "fp32", "fused_optimizer": True},
@@ -170,7 +171,7 @@ def test_deepspeed_allocates_what_the_model_counts(tiny, tmp_path):
         assert row["trainable"] == shapes.trainable, row
         # an fp32 model's frozen parameters are not copied by the engine, so not counted by the probe
         resident = est.resident - (frozen * c if c == 4 else 0)
-        assert row["backward_extra"] == pytest.approx(est.buckets, rel=1e-3), row
+        assert est.buckets - 1024 <= row["backward_extra"] <= est.buckets + 2 * c * shapes.largest_trainable, row
         assert row["step_extra"] == pytest.approx(step_per_param * shapes.trainable, rel=1e-3, abs=64), row
         if "offload_optimizer" in row:
             assert row["resident"] + row["step_extra"] == pytest.approx(resident + est.host, rel=1e-4), row
@@ -231,4 +232,4 @@ def test_the_pretrain_bench_fits_without_checkpointing():
     model = build_reference_llava("meta")
     model.set_trainable(["projector"])
     est = estimate(Shapes.of(model), tokens=8 * 780, images=8, policy="none", trains_vit=False)
-    assert round(est.peak / GiB, 1) == 40.9  # 1.9 GiB of it the reduce buckets, as large as in the fine-tune
+    assert round(est.peak / GiB, 1) == 39.1

@@ -66,7 +66,7 @@ def main():
         with tracker:
             engine, _, _, _ = deepspeed.initialize(
                 model=model, optimizer=loop.build_optimizer(params, recipe, device),
-                config=loop.deepspeed_config(recipe, world, recipe.precision))
+                config=loop.deepspeed_config(recipe, world, recipe.precision, trainable=sum(p.numel() for p in params)))
             for _ in range(2 * recipe.accumulative_counts):  # the first step also creates the AdamW moments
                 loss = engine.module.llm(input_ids=ids, labels=ids).loss
                 began = tracker.peak = tracker.total

@@ -33,6 +33,7 @@ from ..model.checkpoint_reader import load_state_dict
 from ..template import get_template
 from . import resume_state
 from .flops import FlopModel
+from .memory import reduce_bucket_elements
 from .metrics import MetricLogger
 from .recipe import Recipe
 from .schedule import lr_at
@@ -46,8 +47,9 @@ def _precision(recipe: Recipe, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(recipe: Recipe, world: int, precision: str) -> dict:
-    zero = {"stage": recipe.deepspeed_stage, "overlap_comm": precision != "fp32", "contiguous_gradients": True}
+def deepspeed_config(recipe: Recipe, world: int, precision: str, *, trainable: int) -> dict:
+    zero = {"stage": recipe.deepspeed_stage, "overlap_comm": precision != "fp32", "contiguous_gradients": True,
+            "reduce_bucket_size": reduce_bucket_elements(trainable)}
     if recipe.offload_optimizer != "none":
         # fp32 master weights, their gradients and the Adam moments live in host memory; the step runs
         # there (our torch AdamW on the CPU partitions, hence zero_force_ds_cpu_optimizer off).
@@ -219,7 +221,8 @@ def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torc
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, recipe, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(recipe, world, precision))
+                                           config=deepspeed_config(recipe, world, precision,
+                                                                   trainable=sum(p.numel() for p in params)))
     start = _resume(engine, work_dir)
     if rank == 0:
         checkpointed, blocks = model.checkpointed_blocks()

@@ -8,7 +8,7 @@ through the training loop's own engine):
   master        the fp32 copy the optimizer steps (4 B)
   adam          exp_avg + exp_avg_sq, fp32 (8 B)
   buckets       the reduce buckets, allocated whole at each backward's start and freed at its end: two of
-                reduce_bucket_size elements with overlap_comm, one without, whatever the trainable count
+                reduce_bucket_size elements with overlap_comm, one without (reduce_bucket_elements)
   step_grad     at the step, the fp32 copy of the gradient partition (4 B) and, while it is cast, the flat
                 compute-dtype copy it is cast from (2 B in bf16; in fp32 the cast is a no-op). Both the
                 partition and the flat copy are freed before the update, where a non-fused (foreach) AdamW
@@ -39,6 +39,13 @@ from dataclasses import dataclass
 
 GiB = 2**30
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+
+
+def reduce_bucket_elements(trainable: int) -> int:
+    """The reduce bucket size the training loop gives DeepSpeed: its default, or the trainable count when that
+    is smaller. DeepSpeed allocates each bucket whole at every backward, so a 12.6M-parameter projector would
+    otherwise hold 1.9 GiB of buckets; one bucket of the trainable count holds every gradient either way."""
+    return min(REDUCE_BUCKET, trainable)
 
 
 @dataclass(frozen=True)
@@ -145,5 +152,5 @@ def estimate(shapes: Shapes, *, tokens: int, images: int, policy: str, dtype_byt
         host += 0 if fused_optimizer else 4 * part
     return Estimate(weights=c * shapes.params, grads=c * largest if offload else c * part,
                     master=0 if offload else 4 * part, adam=0 if offload else 8 * part,
-                    buckets=(2 if overlap_comm else 1) * REDUCE_BUCKET * c, step_grad=0 if offload else step_grad,
+                    buckets=(2 if overlap_comm else 1) * reduce_bucket_elements(shapes.trainable) * c, step_grad=0 if offload else step_grad,
                     activations=llm + vit + logits, host=host)
