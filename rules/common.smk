@@ -1,5 +1,4 @@
 # Shared helpers: config validation, recipes, code hashes, launchers. No rules here.
-import hashlib
 import itertools
 import json
 import os
@@ -7,8 +6,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import llavaflow
+from llavaflow import identity
 from llavaflow.config import ConfigError, stage_recipe, validate_config
+from llavaflow.identity import code_hash
 
 try:
     validate_config(config)
@@ -49,22 +49,8 @@ if not _uses_conda():
             raise ValueError(f"`{_tool}` on PATH is {_found}, not the one in {_bin} (the environment running Snakemake): "
                              f"activate that environment (e.g. `source {_bin}/activate`), or run with --sdm conda")
 
-LLAVAFLOW = Path(llavaflow.__file__).parent  # the installed package that the jobs run
-
-
-def code_hash(*parts):
-    """First 12 hex digits of the sha256 of the named llavaflow modules/packages (rerun on real edits only)."""
-    h = hashlib.sha256()
-    for part in parts:
-        path = LLAVAFLOW / part
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(LLAVAFLOW.parent)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-TRAIN_CODE = code_hash("train", "model", "data", "template.py", "constants.py")
+# The llavaflow modules each stage depends on: a real edit reruns it (llavaflow.identity).
+TRAIN_CODE = code_hash(*identity.TRAIN_CODE)
 
 
 def recipe_json(stage):
@@ -147,8 +133,8 @@ def train_resources(stage, mem_mb, runtime):
     return {**res, "gres": f"gpu:{s['gpus_per_node']}", "mpi": "srun", "tasks": s["nodes"], "tasks_per_gpu": 0}
 
 
-CONVERT_CODE = code_hash("convert", "model", "template.py")
-EVAL_CODE = code_hash("eval", "model", "data", "template.py")
+CONVERT_CODE = code_hash(*identity.CONVERT_CODE)
+EVAL_CODE = code_hash(*identity.EVAL_CODE)
 
 
 def base_model_inputs():

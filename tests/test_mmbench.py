@@ -181,6 +181,42 @@ def test_two_ranks_shard_the_rows_and_merge_like_one_process(converted, tiny, tm
     assert (tmp_path / "one" / "cache" / "predictions.rank0.jsonl").read_text() == before
 
 
+def test_cached_predictions_are_reused_only_for_the_same_code_dtype_and_batching(converted, tiny, tmp_path):
+    """The prediction cache outlives a run (undeclared, so a killed job resumes); a rerun reuses it only while
+    everything a prediction depends on is unchanged. The rule reruns when llavaflow's eval code changes, and
+    then predicted nothing until 2026-12-01: every row was cached."""
+    import sys
+
+    from conftest import run
+
+    from llavaflow.identity import EVAL_CODE, code_hash
+
+    df = pd.read_csv(tiny["mmbench"] / "MMBench_DEV_EN.tsv", sep="\t")
+    df[df["index"] < 1_000_000].head(6).to_csv(tmp_path / "d.tsv", sep="\t", index=False)  # main rows hold the images
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "llavaflow.cli", "mmbench", str(converted["out"] / "iter_xtuner"), "--data-path",
+           str(tmp_path / "d.tsv"), "--max-new-tokens", "4", "--batch-size", "4", "--work-dir", str(work)]
+    run(cmd)
+    cache, stamp = work / "cache" / "predictions.rank0.jsonl", work / "cache" / "settings.json"
+    marked = "".join(json.dumps({**json.loads(line), "prediction": "cached"}) + "\n" for line in cache.read_text().splitlines())
+
+    def reused(*extra) -> bool:
+        cache.write_text(marked)
+        run(cmd + list(extra))
+        return set(pd.read_csv(work / "predictions.csv")["prediction"]) == {"cached"}
+
+    assert reused()
+    settings = json.loads(stamp.read_text())
+    assert settings["code"] == code_hash(*EVAL_CODE) and settings["dtype"] == "float32"
+    assert json.loads((work / "summary.json").read_text())["dtype"] == "float32"  # the scores say what made them
+    stamp.write_text(json.dumps({**settings, "code": "0" * 12}))  # as an older llavaflow stamped it
+    assert not reused()
+    assert not reused("--torch-dtype", "bf16")
+    assert not reused("--torch-dtype", "bf16", "--batch-size", "2")
+    stamp.write_text('{"templ')  # torn by a kill mid-write: predicted afresh, not a JSONDecodeError
+    assert not reused()
+
+
 # ---- VLMEvalKit's _acc.csv layout, control characters, torn caches, bad input (issues 13 §5, 14) ----
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

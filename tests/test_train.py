@@ -132,13 +132,26 @@ def test_killed_run_resumes_to_the_same_weights(tiny, subset, tmp_path):
     assert kept == ["iter_92.pth", "iter_96.pth"]  # save_total_limit
 
 
-def test_a_changed_recipe_starts_fresh(tiny, subset, tmp_path):
+def test_a_changed_recipe_or_input_starts_fresh(tiny, subset, tmp_path):
+    """A finished run's work dir is kept only for the same recipe, world size, training code and inputs: a
+    rerun for anything else would resume its last checkpoint and publish it again, untrained on the new ones
+    (as a rewritten input did until 2026-12-01). The old work dir is moved aside, never deleted."""
+    from llavaflow.identity import TRAIN_CODE, code_hash
+
     rec = recipe(tiny, datasets=subset, micro_batch_size=4, accumulative_counts=1, save_steps=6)
     torchrun(1, rec, tmp_path / "work", tmp_path / "out")
-    changed = dict(rec, lr=5e-4)
-    proc = torchrun(1, changed, tmp_path / "work", tmp_path / "out")
+    fingerprint = json.loads((tmp_path / "work" / "fingerprint.json").read_text())
+    assert fingerprint["code"] == code_hash(*TRAIN_CODE)
+    assert sorted(fingerprint["inputs"]) == ["annotation0", "llm", "visual_encoder"]
+    proc = torchrun(1, dict(rec, lr=5e-4), tmp_path / "work", tmp_path / "out")
     assert "starting fresh" in proc.stdout + proc.stderr
-    assert list(tmp_path.glob("work.stale-*"))
+    assert len(list(tmp_path.glob("work.stale-*"))) == 1
+    time.sleep(1.1)  # the stale folder's name has a resolution of one second
+    annotation = Path(subset[0]["annotation"])
+    annotation.write_text(annotation.read_text())  # re-downloaded: the same path, written again
+    proc = torchrun(1, dict(rec, lr=5e-4), tmp_path / "work", tmp_path / "out")
+    assert "starting fresh" in proc.stdout + proc.stderr
+    assert len(list(tmp_path.glob("work.stale-*"))) == 2
 
 
 def test_speed_settings_train_like_the_plain_run_and_may_change_on_resume(tiny, subset, tmp_path):

@@ -169,7 +169,8 @@ def _dtype(name: str, device: str):
 
 def cmd_mmbench(args) -> None:
     from .distributed import init_distributed
-    from .eval.mmbench import evaluate, folder_fingerprint
+    from .eval.mmbench import evaluate
+    from .identity import path_fingerprint
     from .model.loading import load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
@@ -178,8 +179,10 @@ def cmd_mmbench(args) -> None:
     device = str(device)
     model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
                                                             args.visual_encoder, layer, device)
-    # An overridden layer is another model: its predictions must not be reused from the cache.
-    model_id = folder_fingerprint(folder) + ("" if layer is None else f":select_layer={layer}")
+    # An overridden layer or visual encoder is another model: its predictions must not be reused from the cache.
+    model_id = path_fingerprint(folder) + ("" if layer is None else f":select_layer={layer}")
+    if args.visual_encoder:
+        model_id += f":visual_encoder={path_fingerprint(args.visual_encoder)}"
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
              args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id)
 

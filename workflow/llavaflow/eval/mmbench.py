@@ -13,6 +13,8 @@ import torch
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from tqdm import tqdm
 
+from ..atomic import atomic_output
+from ..identity import EVAL_CODE, code_hash
 from ..template import get_template
 from .extract import DEFAULT_POLICY, POLICIES, get_policy
 from .mmbench_data import image_bytes, option_letters, options, read_benchmark
@@ -31,14 +33,12 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_fingerprint(folder: str | Path) -> str:
-    """Identity of a model folder (names, sizes, mtimes of its files): a re-converted model is a new one."""
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+def _stamped(stamp: Path) -> dict | None:
+    """The settings the cache was made with; None when absent or unreadable (then nothing cached is reused)."""
+    try:
+        return json.loads(stamp.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def build_prompts(df: pd.DataFrame) -> list[Prompt]:
@@ -102,15 +102,18 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     df = read_benchmark(tsv)
     prompts = build_prompts(df)  # decodes every image pointer up front: a bad row fails before any work
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Everything a cached prediction depends on: new code, another dtype or batching predicts afresh.
     settings = {"template": template, "max_new_tokens": max_new_tokens, "prompt_style": "xtuner", "tsv_md5": md5(tsv),
-                "model": model_id}
+                "model": model_id, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "batch_size": batch_size,
+                "fast": fast, "code": code_hash(*EVAL_CODE)}
     cache_dir = work_dir / "cache"
     cache_dir.mkdir(exist_ok=True)
     stamp = cache_dir / "settings.json"
-    if rank == 0 and (not stamp.exists() or json.loads(stamp.read_text()) != settings):
+    if rank == 0 and _stamped(stamp) != settings:
         for old in cache_dir.glob("predictions.rank*.jsonl"):
             old.unlink()  # cached predictions of other settings are not reused
-        stamp.write_text(json.dumps(settings, sort_keys=True))
+        with atomic_output(stamp, folder=False, overwrite=True) as tmp:  # a torn stamp would block every rerun
+            tmp.write_text(json.dumps(settings, sort_keys=True))
     if world > 1:
         torch.distributed.barrier()
     predictor = Predictor(model, tokenizer, transform, get_template(template), max_new_tokens)

@@ -27,6 +27,7 @@ from ..data.dataset import LlavaDataset
 from ..data.images import ImageTransform
 from ..data.sampler import LengthGroupedSampler, ShuffleSampler
 from ..distributed import init_distributed
+from ..identity import TRAIN_CODE, code_hash, path_fingerprint
 from ..model.activation_checkpointing import normalise_policy
 from ..model.build import build_llava
 from ..model.checkpoint_reader import load_state_dict
@@ -167,7 +168,8 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
     work_dir, output = Path(work_dir), Path(output)
     validate(recipe)
     rank, world, device = init_distributed(group_of_one=True)
-    fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage}
+    fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage,
+                   "code": code_hash(*TRAIN_CODE), "inputs": input_identity(recipe)}
     with ExitStack() as stack:
         if rank == 0:
             stack.enter_context(resume_state.WorkDirLock(work_dir))
@@ -189,6 +191,15 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
     # NCCL warns of leaked resources otherwise; only after a clean finish (a failed rank's peers may still
     # be inside a collective, and torchrun ends them)
     torch.distributed.destroy_process_group()
+
+
+def input_identity(recipe: Recipe) -> dict:
+    """The files the stage reads (base models, annotations, the checkpoint it starts from), by names, sizes
+    and mtimes: a rerun for new inputs starts fresh instead of resuming what the old ones trained. Image
+    folders are left out (hundreds of thousands of files); their annotation file names what is read."""
+    paths = {"llm": recipe.llm, "visual_encoder": recipe.visual_encoder, "init_from": recipe.init_from,
+             **{f"annotation{i}": d["annotation"] for i, d in enumerate(recipe.datasets)}}
+    return {name: path_fingerprint(path) for name, path in paths.items() if path}
 
 
 def validate(recipe: Recipe) -> None:
