@@ -108,7 +108,7 @@ def test_llm_gguf_metadata_tensors_and_vocab(exports, which):
     assert types[tok.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
     assert types[tok.bos_token_id] == types[tok.convert_tokens_to_ids("</s>")] == gguf.TokenType.CONTROL
     assert types[len(tok):] == [gguf.TokenType.UNUSED] * (config.vocab_size - len(tok))
-    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_token_id == 1
+    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_token_id == 1 and kv["tokenizer.ggml.add_bos_token"] is True
     assert kv["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>")
     assert kv["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|end|>")
     assert "<|user|>" in kv["tokenizer.chat_template"] and "<|end|>" in kv["tokenizer.chat_template"]
@@ -171,6 +171,20 @@ def test_mmproj_gguf_metadata_and_tensors(exports, tiny, which):
         base = {clip_legacy(k): v for k, v in load_file(tiny["vit"] / "model.safetensors").items()}
         key = "vision_model.encoder.layers.0.mlp.fc1.weight"
         assert not np.allclose(np.asarray(got["v.blk.0.ffn_up.weight"].data).reshape(base[key].shape), base[key].numpy())
+
+
+def test_bos_is_added_as_in_training_whatever_the_base_tokenizer_config_says(tiny, tmp_path):
+    """Training puts BOS first in every sample, and the chat template has none: a base tokenizer_config with
+    add_bos_token false (as a Phi-3 revision may ship) once made llama.cpp prompt without it."""
+    import shutil
+
+    from llavaflow.convert.gguf_vocab import read_vocab
+
+    folder = shutil.copytree(tiny["llm"], tmp_path / "llm")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    n_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    assert read_vocab(folder, n_vocab).add_bos is True
 
 
 def test_q8_0_and_modelfile(exports):

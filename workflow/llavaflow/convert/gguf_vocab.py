@@ -109,11 +109,13 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     for name in ("bos_token", "eos_token", "unk_token"):
         if getattr(hf, name + "_id") is None:
             raise ConversionError(f"{folder}: the tokenizer has no {name}")
-    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     end = hf.convert_tokens_to_ids("<|end|>")
+    # Training puts BOS before every sample (xtuner's encode_fn; data.conversation.encode_prompt), whatever the base
+    # tokenizer_config's add_bos_token says (a base model may ship false), and the chat template has no
+    # BOS of its own: llama.cpp must add it, or every prompt starts unlike every training sample.
     return Vocab(tokens=tokens, scores=scores, types=[int(t) for t in types], bos=hf.bos_token_id,
                  eos=hf.eos_token_id, unk=hf.unk_token_id, pad=hf.pad_token_id,
-                 eot=end if end != hf.unk_token_id else None, add_bos=bool(config.get("add_bos_token", True)))
+                 eot=end if end != hf.unk_token_id else None, add_bos=True)
 
 
 def phi3_chat_jinja(template) -> str:
