@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .train.recipe import Recipe
+from .train.recipe import Recipe, combination_errors
 
 STAGE_INPUT = {"pretrain": None, "finetune": "pretrain"}  # which stage's checkpoint starts each stage
 # Keys of a stage section that place the job (world size) rather than describe the recipe.
@@ -55,6 +55,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     if errors:
         lines = [line for e in errors for line in _message(e).splitlines()]
         raise ConfigError("\n".join(dict.fromkeys(lines)))
+    lines = [f"config key {stage}.{key}: {why}" for stage in STAGE_INPUT
+             for key, why in combination_errors(config[stage]).items()]
+    if lines:
+        raise ConfigError("\n".join(lines))
     from snakemake.utils import validate
 
     validate(config, str(Path(schema_path).resolve()), set_default=True)

@@ -63,6 +63,8 @@ class Recipe:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        for key, why in combination_errors(d).items():
+            raise ValueError(f"recipe key {key}: {why}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -72,3 +74,17 @@ class Recipe:
         semantic = {k: v for k, v in self.to_dict().items() if k not in self.VOLATILE}
         semantic["world_size"] = world_size
         return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def combination_errors(values: dict) -> dict[str, str]:
+    """Keys of a stage's values (a config section or a recipe; omitted keys take Recipe's defaults) whose
+    value cannot go with the others, each with why."""
+    defaults = {f.name: f.default for f in fields(Recipe)}
+    save, accumulate = (values.get(k, defaults[k]) for k in ("save_steps", "accumulative_counts"))
+    errors = {}
+    if save % accumulate:
+        # DeepSpeed saves no partial gradients and restarts its micro-step count at 0: a resume from there
+        # would lose the accumulated micro-batches and step at other iterations than an unbroken run.
+        errors["save_steps"] = (f"{save} is not a multiple of accumulative_counts ({accumulate}): a checkpoint "
+                                f"inside an accumulation cannot be resumed exactly")
+    return errors
