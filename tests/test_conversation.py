@@ -28,6 +28,8 @@ def test_llava_turns_follows_llava_map_fn():
         {"from": "human", "value": "dropped: no reply"},
     ]
     assert llava_turns(conv) == [Turn("<image>\nWhat is this? More.", "A cat."), Turn("Colour?", "Black.")]
+    # a message that is only the image: no newline after it, as xtuner strips the joined value
+    assert llava_turns([{"from": "human", "value": " <image>\n"}, {"from": "gpt", "value": "x"}]) == [Turn("<image>", "x")]
     with pytest.raises(ConversationError):
         llava_turns([{"from": "system", "value": "x"}])
 

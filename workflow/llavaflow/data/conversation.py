@@ -35,8 +35,8 @@ def llava_turns(conversations: list[dict]) -> list[Turn]:
         if role not in ("human", "gpt") or not isinstance(value, str):
             raise ConversationError(f"message must be {{from: human|gpt, value: str}}, got {msg!r}")
         if role == "human":
-            if DEFAULT_IMAGE_TOKEN in value:
-                value = DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            if DEFAULT_IMAGE_TOKEN in value:  # an image-only message keeps no "\n" (xtuner strips again)
+                value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
             pending += value
         else:
             turns.append(Turn(pending, value))
