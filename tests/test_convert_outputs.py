@@ -60,6 +60,21 @@ def test_phi_to_llama_onto_its_input_is_refused(converted, tmp_path):
     assert snapshot(x) == before  # projector/ and visual_encoder/ still there, byte for byte
 
 
+def test_phi_to_llama_without_a_generation_config_still_stops_on_phi3s_tokens(converted, tmp_path):
+    """A Phi-3 folder with no generation_config.json once gave an empty one, which names no eos: transformers
+    then never stops generating. Phi-3's own stop tokens are written instead."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    x = tmp_path / "iter_xtuner"
+    shutil.copytree(converted["out"] / "iter_xtuner", x)
+    (x / "generation_config.json").unlink()
+    phi_to_llama(x, tmp_path / "llama")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    gen = GenerationConfig.from_pretrained(tmp_path / "llama")
+    assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+    assert gen.bos_token_id == tok.bos_token_id == 1
+
+
 def test_non_empty_save_dir_needs_overwrite(tiny, ckpt, tmp_path):
     out = tmp_path / "iter_xtuner"
     out.mkdir()

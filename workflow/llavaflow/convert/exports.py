@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..atomic import atomic_output, check_output
 from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, write_json
-from .tokenizer_files import copy_tokenizer
+from .tokenizer_files import copy_tokenizer, stop_token_ids
 from .tables import UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,6 @@ PHI3_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3's generation_config.json ships it."""
-    return tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
 
 
 def _sources(text_model: Path, vision_model: Path, projector_weight: Path):

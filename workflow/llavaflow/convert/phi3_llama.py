@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import atomic_output, check_output
 from .io import ConversionError, ShardWriter, iter_tensors, read_json, write_json
-from .tokenizer_files import copy_tokenizer
+from .tokenizer_files import copy_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: in
                 writer.add(new_name, new_tensor)
         writer.close()
         write_json(tmp / "config.json", llama_config(cfg))
-        gen = read_json(phi_path / "generation_config.json") if (phi_path / "generation_config.json").exists() else {}
-        write_json(tmp / "generation_config.json", gen)
         copy_tokenizer(phi_path, tmp)  # as written: a `llama` config must not make 5.x rebuild it
+        if (phi_path / "generation_config.json").exists():
+            gen = read_json(phi_path / "generation_config.json")
+        else:  # Phi-3's stop tokens, else generation would never stop (an empty file names no eos)
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(tmp)
+            gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": tok.pad_token_id}
+        write_json(tmp / "generation_config.json", gen)

@@ -45,6 +45,11 @@ def _merges_as_strings(model: dict) -> bool:
     return True
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3's generation_config.json ships it."""
+    return tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+
+
 def copy_tokenizer(src: Path, dst: Path, *, add_special: tuple[str, ...] = (), pad_token: str | None = None,
                    chat_template: str | None = None) -> dict[str, int]:
     """Copy src's tokenizer files to dst, appending add_special (and pad_token) as special tokens.
