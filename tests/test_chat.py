@@ -60,6 +60,21 @@ def test_one_shot_greedy_equals_hf_generate(converted, tokenizer, image):
     assert xt.stdout.strip()  # a random model still says something
 
 
+def test_a_stop_word_of_several_tokens_ends_the_reply_where_it_appears(converted, image):
+    """--stop-words text that is no token of its own (xtuner matches the decoded text): the reply ends before
+    it. Looked up as a token, it was <unk> and never stopped anything."""
+    args = [str(converted["out"] / "iter_xtuner"), "--image", str(image), "--prompt", "Describe it.",
+            "--temperature", "0", "--max-new-tokens", "16"]
+    full = chat(args)
+    assert full.returncode == 0, full.stderr
+    text = full.stdout.strip()
+    word = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(text) >= 6 and word.strip(), text
+    cut = chat(args + ["--stop-words", word])
+    assert cut.returncode == 0, cut.stderr
+    assert cut.stdout.strip() == text[:text.find(word)].strip()
+
+
 def test_bad_image_in_one_shot_mode(converted, tmp_path):
     (tmp_path / "not.png").write_text("text, not an image")
     r = chat([str(converted["out"] / "iter_xtuner"), "--image", str(tmp_path / "not.png"), "--prompt", "hi"])

@@ -116,16 +116,29 @@ class Session:
     def ask(self, text: str, streamer=None) -> str:
         tok = self.backend.tokenizer
         ids = self.prompt_ids(text)
-        stop = [tok.convert_tokens_to_ids(w) for w in self.template.stop_words] + [tok.eos_token_id]
+        stop, strings = stop_ids_and_strings(tok, self.template.stop_words)
+        by_text = {"stop_strings": strings, "tokenizer": tok} if strings else {}
         out = self.backend.generate(ids, self.pixels, eos_token_id=stop, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                    streamer=streamer, **self.gen)
+                                    streamer=streamer, **by_text, **self.gen)
         cut = next((i for i, t in enumerate(out) if t in stop), len(out))
         answer = tok.decode(out[:cut], skip_special_tokens=True)
-        if cut == len(out) and len(out) >= self.gen.get("max_new_tokens", 0):
+        at = min((answer.find(s) for s in strings if s in answer), default=-1)
+        if at >= 0:
+            answer = answer[:at]
+        elif cut == len(out) and len(out) >= self.gen.get("max_new_tokens", 0):
             self.turns = []  # as xtuner: a reply cut by the budget ends the conversation
         else:
             self.turns.append(Turn(("<image>\n" + text) if not self.turns and self.pixels is not None else text, answer))
         return answer
+
+
+def stop_ids_and_strings(tokenizer, words) -> tuple[list[int], list[str]]:
+    """Stop words that are tokens of their own (the template's <|end|>) stop on their id, with EOS; any other
+    text (--stop-words '###') through transformers' stop_strings, which finds it however it is tokenised
+    (as token ids, a multi-token word once became <unk> and never stopped anything)."""
+    special = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in words if w in special]
+    return ids + [tokenizer.eos_token_id], [w for w in words if w not in special]
 
 
 def generation_kwargs(temperature: float, top_p: float, top_k: int, max_new_tokens: int, repetition_penalty: float) -> dict:
