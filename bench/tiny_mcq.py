@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="tiny-mcq-"))
 
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     from llavaflow.data.collate import collate
     from llavaflow.data.images import ImageTransform
@@ -54,18 +54,19 @@ def main() -> None:
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
-    image_processor = CLIPImageProcessor.from_pretrained(recipe.visual_encoder)
-    dataset = build_dataset(recipe, image_processor, tokenizer)
+    dataset = build_dataset(recipe, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=recipe.weight_decay, foreach=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, shuffle=True, collate_fn=collate,
                                          num_workers=1, drop_last=True, persistent_workers=True)
 
+    transform = ImageTransform.from_folder(recipe.visual_encoder, pad_to_square=True)
+
     def scores(step: int) -> dict:
         model.eval()
         result = {}
         for name in DATASETS:
-            s = evaluate(model, tokenizer, ImageTransform(image_processor, True), out / "mmbench" / f"{name}.tsv",
+            s = evaluate(model, tokenizer, transform, out / "mmbench" / f"{name}.tsv",
                          out / "eval" / f"{name}-{step}", dataset=name, batch_size=64, max_new_tokens=8)
             result[name] = {mode: round(s[mode]["Overall"], 4) for mode in ("circular", "vanilla_0")}
         model.train()

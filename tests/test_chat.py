@@ -207,3 +207,20 @@ def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path, t
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Colours."}]}]))
     ds = LlavaDataset([{"annotation": str(ann), "image_folder": str(tmp_path)}], tokenizer, PHI3_CHAT, transform, 64)
     torch.testing.assert_close(ds[0]["pixel_values"], transform(Image.fromarray(reference)), rtol=0, atol=0)
+
+
+def test_pixels_are_pils_bicubic_resize_and_crop_as_in_xtuner(tiny):
+    """ImageTransform.from_folder (training, evaluation, chat) preprocesses on PIL, as xtuner's CLIPImageProcessor
+    did: transformers' CLIPImageProcessor now resizes with torchvision wherever it is installed (other pixels)."""
+    from llavaflow.data.images import ImageTransform
+
+    transform = ImageTransform.from_folder(tiny["vit"], pad_to_square=False)
+    proc = transform.image_processor
+    side = proc.crop_size["height"]
+    assert proc.size["shortest_edge"] == side
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, 2 * side, 3), dtype=np.uint8))
+    img = img.resize((4 * side, 2 * side), Image.NEAREST)  # 2:1, so the resize to the short side is exact
+    by_hand = np.asarray(img.resize((2 * side, side), Image.BICUBIC), dtype=np.float32)[:, side // 2:side // 2 + side]
+    by_hand = (by_hand / 255 - np.array(proc.image_mean)) / np.array(proc.image_std)
+    torch.testing.assert_close(transform(img), torch.tensor(by_hand, dtype=torch.float32).permute(2, 0, 1),
+                               rtol=0, atol=1e-5)

@@ -45,14 +45,13 @@ def metrics(path: Path) -> list[dict]:
 def rank0_micro_batch_rows(rec: dict, *, world: int, patches: int) -> tuple[list[int], list[int]]:
     """Per iteration, the running max of rank 0's micro-batch in decoder rows (padded, packed), from the
     dataset's own samples in the sampler's order: what each metrics row's max_micro_batch_rows should say."""
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     from llavaflow.constants import IMAGE_TOKEN_INDEX
     from llavaflow.train.loop import build_dataset, build_sampler
 
     r = Recipe(**rec)
-    dataset = build_dataset(r, CLIPImageProcessor.from_pretrained(r.visual_encoder),
-                            AutoTokenizer.from_pretrained(r.llm, padding_side="right"))
+    dataset = build_dataset(r, AutoTokenizer.from_pretrained(r.llm, padding_side="right"))
     sampler = build_sampler(r, dataset, 0, world)
     padded, packed = [0], [0]
     for epoch in range(r.epochs):

@@ -98,6 +98,14 @@ class ImageTransform:
         self.pad_to_square = pad_to_square
         self.background = background_colour(image_processor)
 
+    @classmethod
+    def from_folder(cls, vit: str | Path, pad_to_square: bool) -> "ImageTransform":
+        """The ViT folder's CLIP preprocessing on PIL, as xtuner's: transformers' CLIPImageProcessor resizes
+        with torchvision wherever torchvision is installed, which gives other pixels."""
+        from transformers import CLIPImageProcessorPil
+
+        return cls(CLIPImageProcessorPil.from_pretrained(vit), pad_to_square)
+
     @property
     def crop_size(self) -> tuple[int, int]:
         size = self.image_processor.crop_size

@@ -108,11 +108,11 @@ def load_xtuner_llava(folder: str | Path, dtype: torch.dtype = torch.float32, vi
 def load_xtuner_for_inference(folder: str | Path, dtype: torch.dtype = torch.float32, visual_encoder: str | None = None,
                               visual_select_layer: int | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer, image transform) of an xtuner-style folder, preprocessing as in training (padded)."""
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     from ..data.images import ImageTransform
 
     model = load_xtuner_llava(folder, dtype, visual_encoder, visual_select_layer, device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vit = visual_encoder or Path(folder) / "visual_encoder"
-    return model, tokenizer, ImageTransform(CLIPImageProcessor.from_pretrained(vit), pad_to_square=True)
+    return model, tokenizer, ImageTransform.from_folder(vit, pad_to_square=True)

@@ -110,8 +110,8 @@ def build_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim
                              weight_decay=recipe.weight_decay, fused=fused, foreach=None if fused else True)
 
 
-def build_dataset(recipe: Recipe, image_processor, tokenizer) -> LlavaDataset:
-    transform = ImageTransform(image_processor, recipe.pad_image_to_square)
+def build_dataset(recipe: Recipe, tokenizer) -> LlavaDataset:
+    transform = ImageTransform.from_folder(recipe.visual_encoder, recipe.pad_image_to_square)
     return LlavaDataset(recipe.datasets, tokenizer, get_template(recipe.prompt_template), transform,
                         recipe.max_length, recipe.on_bad_sample)
 
@@ -216,13 +216,12 @@ def validate(recipe: Recipe) -> None:
 
 def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torch.device) -> Run:
     import deepspeed
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     precision = _precision(recipe, device)
     _seed_all(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
-    image_processor = CLIPImageProcessor.from_pretrained(recipe.visual_encoder)
-    dataset = build_dataset(recipe, image_processor, tokenizer)
+    dataset = build_dataset(recipe, tokenizer)
     sampler = build_sampler(recipe, dataset, rank, world)
     iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
     total = iters_per_epoch * recipe.epochs
