@@ -49,6 +49,16 @@ def test_length_grouped_sampler_keeps_modalities_apart_and_longest_first():
         assert [abs(lengths[i]) for i in g] == sorted((abs(lengths[i]) for i in g), reverse=True)
 
 
+def test_text_only_lengths_group_by_their_signed_length_as_xtuner():
+    """One modality: xtuner sorts each group by the signed lengths, so all-text groups (negative modality
+    lengths) run shortest first."""
+    lengths = [-(i % 7 + 1) for i in range(200)]
+    s = LengthGroupedSampler(lengths, per_device_batch_size=4, seed=0)
+    order = list(s)
+    groups = [order[i:i + s.group_size] for i in range(0, 200 - s.group_size, s.group_size)][1:-1]
+    assert groups and all([lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True) for g in groups)
+
+
 @pytest.mark.parametrize("make", [
     lambda r: ShuffleSampler(37, seed=3, rank=r, world=2),
     lambda r: LengthGroupedSampler([i % 5 + 1 for i in range(37)], 4, seed=3, rank=r, world=2),

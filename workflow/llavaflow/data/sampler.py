@@ -65,7 +65,8 @@ def length_grouped_indices(lengths: list[int], group_size: int, generator: torch
     if 0 in lengths:
         raise ValueError("length-grouped sampling needs non-zero lengths")
     if all(x > 0 for x in lengths) or all(x < 0 for x in lengths):
-        megabatches = groups([abs(x) for x in lengths])
+        # xtuner sorts one modality by the signed lengths: all text (negative) comes shortest first
+        megabatches = groups(lengths)
     else:
         mm = [i for i, x in enumerate(lengths) if x > 0]
         lang = [i for i, x in enumerate(lengths) if x < 0]
