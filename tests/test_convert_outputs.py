@@ -212,3 +212,20 @@ def test_cli_takes_dtype_and_shape_facts_from_the_config(tiny, converted, tmp_pa
         assert {v["dtype"] for k, v in index.items() if k != "__metadata__"} == {dtype}
         assert json.loads((tmp_path / out / "projector" / "config.json").read_text())["visual_select_layer"] == layer
         assert json.loads((tmp_path / out / "config.json").read_text())["_name_or_path"] == str(tiny["llm"])
+
+
+@pytest.mark.parametrize("where", ["top level (4.x)", "rope_parameters (5.x)"])
+def test_a_partial_rotary_phi3_is_refused_wherever_its_config_keeps_the_factor(where):
+    """Llama rotates every dimension of a head: a Phi-3 that rotates part of them has no Llama equivalent. A
+    5.x config keeps the factor inside rope_parameters, where the check once did not look."""
+    from llavaflow.convert.io import ConversionError
+    from llavaflow.convert.phi3_llama import check_phi3
+
+    cfg = {"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    if where.startswith("top"):
+        cfg["partial_rotary_factor"] = 0.75
+    else:
+        cfg["rope_parameters"]["partial_rotary_factor"] = 0.75
+    with pytest.raises(ConversionError, match="partial rotary factor 0.75 has no Llama equivalent"):
+        check_phi3(cfg, "config.json")
+    check_phi3({**cfg, "partial_rotary_factor": 1.0, "rope_parameters": {"rope_type": "default"}}, "config.json")

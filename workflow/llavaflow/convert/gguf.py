@@ -26,6 +26,7 @@ from ..template import get_template
 from .gguf_names import CLIP_TO_GGUF, PHI3_DROPPED, PHI3_TO_GGUF, PROJECTOR_TO_GGUF, block_of, gguf_name
 from .gguf_vocab import phi3_chat_jinja, read_vocab
 from .io import ConversionError, read_json, safetensors_files
+from .phi3_llama import partial_rotary_factor
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def write_llm(folder: Path, path: Path, dtype: str, template_name: str = "phi3_c
         raise ConversionError(f"{folder}/config.json: rope scaling {rope.get('rope_type')!r} (Phi-3 128k) is not "
                               "supported by this export")
     head_dim = config.hidden_size // config.num_attention_heads
-    rotary = int(getattr(config, "partial_rotary_factor", 1.0) * head_dim)
+    rotary = int(partial_rotary_factor(config.to_dict()) * head_dim)
 
     def metadata(w: gguf.GGUFWriter) -> None:
         w.add_name(name)

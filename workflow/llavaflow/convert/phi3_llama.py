@@ -36,8 +36,15 @@ def check_phi3(cfg: dict, where) -> None:
     rope = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if rope.get("type", rope.get("rope_type", "default")) not in (None, "default"):
         raise ConversionError(f"{where}: rope scaling {rope} (LongRoPE, 128k models) has no Llama equivalent")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConversionError(f"{where}: partial rotary factor {cfg['partial_rotary_factor']} has no Llama equivalent")
+    factor = partial_rotary_factor(cfg)
+    if factor != 1.0:
+        raise ConversionError(f"{where}: partial rotary factor {factor} has no Llama equivalent")
+
+
+def partial_rotary_factor(cfg: dict) -> float:
+    """The share of each head's dimensions that rotates: a top-level key in 4.x configs, inside
+    rope_parameters in 5.x ones."""
+    return float(cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
 
 
 def llama_config(cfg: dict) -> dict:
