@@ -209,6 +209,8 @@ def test_bad_input_fails_before_writing(converted, tmp_path):
 
     with pytest.raises(ValueError, match="unknown type"):
         to_gguf(converted["out"] / "iter_xtuner", tmp_path / "a", quantize=["Q9_X"])
+    with pytest.raises(ConversionError, match="gguf dtype q8_0 with quantize \\['Q4_K_M'\\]: .* use dtype f16"):
+        to_gguf(converted["out"] / "iter_xtuner", tmp_path / "a", dtype="q8_0", quantize=["Q4_K_M"])
     with pytest.raises(ConversionError, match="model_type is 'projector'"):
         to_gguf(converted["out"] / "iter_xtuner" / "projector", tmp_path / "b")
     with pytest.raises(ConversionError, match="no config.json"):

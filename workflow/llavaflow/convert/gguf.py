@@ -285,6 +285,9 @@ def to_gguf(xtuner_folder: str | Path, save_path: str | Path, *, dtype: str = "f
     if dtype not in DTYPES:
         raise ConversionError(f"gguf dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     quantize = list(dict.fromkeys(quantize))
+    if quantize and dtype == "q8_0":  # llama.cpp refuses to requantize a quantized tensor unless told to
+        raise ConversionError(f"gguf dtype q8_0 with quantize {quantize}: the variants are made from the LLM file, "
+                              "which must then be unquantized; use dtype f16 (or bf16, f32)")
     check_quantizer(quantize)  # before any work: a missing llama.cpp or a bad type fails up front
     _check_llm(folder)
     get_template(template_name)
