@@ -229,3 +229,27 @@ def test_a_partial_rotary_phi3_is_refused_wherever_its_config_keeps_the_factor(w
     with pytest.raises(ConversionError, match="partial rotary factor 0.75 has no Llama equivalent"):
         check_phi3(cfg, "config.json")
     check_phi3({**cfg, "partial_rotary_factor": 1.0, "rope_parameters": {"rope_type": "default"}}, "config.json")
+
+
+def test_a_full_clip_folder_as_the_vision_model_gives_the_same_export(converted, tmp_path):
+    """xtuner's converter takes the full CLIP download (text tower, projections, logit_scale) as the vision
+    model; those tensors are left out by name. They once crashed the writer (0-dim logit_scale) after being
+    renamed into the vision tower."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+    from llavaflow.convert.exports import to_hf
+
+    vit_folder = converted["out"] / "iter_xtuner" / "visual_encoder"
+    vit = CLIPVisionModel.from_pretrained(vit_folder)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 64, "max_position_embeddings": 16}
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vit.config.to_dict(), projection_dim=16))
+    full.vision_model.load_state_dict(vit.state_dict())
+    full.save_pretrained(tmp_path / "clip")
+    shutil.copy(vit_folder / "preprocessor_config.json", tmp_path / "clip")
+    to_hf(converted["out"] / "iter_xtuner_llama_llm", tmp_path / "clip",
+          converted["out"] / "iter_xtuner" / "projector" / "model.safetensors", tmp_path / "hf", dtype="fp32")
+    ours, reference = load_file(tmp_path / "hf" / "model.safetensors"), load_file(converted["out"] / "iter_hf" / "model.safetensors")
+    assert sorted(ours) == sorted(reference)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from ..atomic import atomic_output, check_output
 from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, write_json
 from .tokenizer_files import copy_tokenizer, stop_token_ids
-from .tables import UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
+from .tables import CLIP_NOT_VISION, UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,15 @@ def _sources(text_model: Path, vision_model: Path, projector_weight: Path):
     """(part, xtuner-folder name, tensor) for every tensor, streamed."""
     for name, t in iter_tensors(text_model):
         yield "llm", name, t
+    dropped = []
     for name, t in iter_tensors(vision_model):
+        if name.startswith(CLIP_NOT_VISION):
+            dropped.append(name)
+            continue
         yield "visual_encoder", clip_legacy(name), t
+    if dropped:
+        log.info("%s: a full CLIP model; left out its %d non-vision tensors (%s, ...)", vision_model, len(dropped),
+                 ", ".join(dropped[:3]))
     try:
         with safe_open(str(projector_weight), framework="pt") as f:
             for name in f.keys():
@@ -105,7 +112,8 @@ def _legacy_text_config(cfg: dict, dtype: str) -> dict:
 
 def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: str = "bf16",
           max_shard_size: int = 5 * 1024**3, *, visual_select_layer: int | None = None, overwrite: bool = False) -> None:
-    """HF LlavaForConditionalGeneration folder, readable by transformers 4.4x and 5.x (formats.md §2).
+    """HF LlavaForConditionalGeneration folder (formats.md §2): its weights and tokenizer read in transformers
+    4.37+ and 5.x, its processor (AutoProcessor) from 4.49 on (README, tests/test_consumers.py).
 
     Projector activation, select layer and strategy come from projector/config.json (`visual_select_layer`
     overrides). Only a 2-layer projector has an HF form; other depths are refused before anything is written.

@@ -105,7 +105,7 @@ class ShardWriter:
             f.write(raw)
             for _, src, dtype in self.pending:
                 t = src.to(dtype).contiguous()
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")  # 0-dim too
                 del t
                 if self.release:
                     _release_pages(src)

@@ -72,6 +72,11 @@ XTUNER_TO_HF = xtuner_to_hf(2)
 XTUNER_TO_LLAVA = xtuner_to_llava(2)
 
 
+# A full CLIPModel folder (as openai/clip-vit-large-patch14-336 ships, and xtuner's converter accepts) also
+# holds the text tower, both projections and the logit temperature: no LLaVA vision tower has them.
+CLIP_NOT_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
 def clip_legacy(name: str) -> str:
     return name if name.startswith(CLIP_LEGACY_PREFIX) else CLIP_LEGACY_PREFIX + name
 
