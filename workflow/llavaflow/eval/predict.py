@@ -2,7 +2,9 @@
 
 Fast path: every batch is first decoded for two greedy steps. A row whose answer has ended by then
 (e.g. "B" then <|end|>) has exactly the text full greedy generation would give, so it is done; only
-the others are decoded further. Same predictions as full generation, for a fraction of the steps.
+the others are decoded further, in a smaller batch. In exact arithmetic the predictions are full
+generation's (tests/test_pipeline.py checks them in fp32), for a fraction of the steps; in bf16 a row decoded
+again beside other rows sees other padding widths, which can move low-order bits and, rarely, a greedy choice.
 """
 
 from __future__ import annotations
