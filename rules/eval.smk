@@ -24,6 +24,7 @@ rule mmbench_eval:
         template=config["mmbench"]["prompt_template"],
         policy=config["mmbench"]["policy"],
         max_new_tokens=config["mmbench"]["max_new_tokens"],
+        torch_dtype=config["mmbench"]["torch_dtype"],
         code=EVAL_CODE,
         batch_size=config["mmbench"]["batch_size"],
         launcher=torchrun(config["mmbench"]["gpus"]),
@@ -39,7 +40,7 @@ rule mmbench_eval:
         "{params.launcher} -m llavaflow.cli mmbench {input.model} --data-path {input.tsv}"
         " --work-dir results/mmbench/{wildcards.dataset} --dataset {wildcards.dataset}"
         " --prompt-template {params.template} --policy {params.policy} --max-new-tokens {params.max_new_tokens}"
-        " --batch-size {params.batch_size} > {log} 2>&1"
+        " --batch-size {params.batch_size} --torch-dtype {params.torch_dtype} > {log} 2>&1"
 
 
 use rule mmbench_eval as mmbench_predict with:

@@ -189,3 +189,17 @@ def test_snakemake_outside_its_activated_environment_stops_naming_the_fix(tmp_pa
     assert proc.returncode != 0
     assert f"activate that environment (e.g. `source {Path(sys.executable).parent}/activate`)" in proc.stderr + proc.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp16"])
+def test_evaluation_runs_in_the_configured_dtype(tmp_path, dtype):
+    """mmbench.torch_dtype reaches the evaluation's command: auto (bf16 on a GPU, training's dtype) or xtuner
+    mmbench's fp16."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["mmbench"]["torch_dtype"] = dtype
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run(SNAKEMAKE + ["results/mmbench/MMBench_DEV_EN/summary.json", "-n", "-p", "--cores", "1", "--snakefile",
+                            str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(path)])
+    shell = (proc.stdout + proc.stderr).split("rule mmbench_eval:")[1].split("Shell command: ")[1].split("\n")[0]
+    assert f" --torch-dtype {dtype} " in shell, shell
