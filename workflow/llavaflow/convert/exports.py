@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ..atomic import atomic_output, check_output
 from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, write_json
-from .tokenizer_files import copy_tokenizer, stop_token_ids
+from .tokenizer_files import copy_tokenizer, generation_config
 from .tables import CLIP_NOT_VISION, UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
             "vision_feature_select_strategy": HF_SELECT_STRATEGY[proj.visual_select_feature],
             "processor_class": "LlavaProcessor"})
         write_json(tmp / "preprocessor_config.json", preprocessor)
-        write_json(tmp / "generation_config.json", {
-            "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": pad_id})
+        write_json(tmp / "generation_config.json", generation_config(tok, pad_id))
 
 
 def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vision_tower: str,
@@ -213,5 +212,4 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
         _write_weights(tmp, xtuner_to_llava(proj.depth), text_model, vision_model, projector_weight, DTYPES[dtype], max_shard_size)
         write_json(tmp / "config.json", config)
         CLIPImageProcessor.from_pretrained(vision_model).save_pretrained(tmp)
-        write_json(tmp / "generation_config.json", {
-            "bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": tok.pad_token_id})
+        write_json(tmp / "generation_config.json", generation_config(tok, tok.pad_token_id))

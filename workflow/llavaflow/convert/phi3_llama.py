@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import atomic_output, check_output
 from .io import ConversionError, ShardWriter, iter_tensors, read_json, write_json
-from .tokenizer_files import copy_tokenizer, stop_token_ids
+from .tokenizer_files import copy_tokenizer, generation_config
 
 log = logging.getLogger(__name__)
 
@@ -106,5 +106,5 @@ def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: in
             from transformers import PreTrainedTokenizerFast
 
             tok = PreTrainedTokenizerFast.from_pretrained(tmp)
-            gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": stop_token_ids(tok), "pad_token_id": tok.pad_token_id}
+            gen = generation_config(tok, tok.pad_token_id)
         write_json(tmp / "generation_config.json", gen)

@@ -45,9 +45,10 @@ def _merges_as_strings(model: dict) -> bool:
     return True
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """generation_config eos: <|endoftext|>, <|assistant|>, <|end|>, as Phi-3's generation_config.json ships it."""
-    return tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+def generation_config(tokenizer, pad_token_id: int | None) -> dict:
+    """generation_config.json: eos <|endoftext|>, <|assistant|>, <|end|>, as Phi-3's ships it."""
+    return {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": pad_token_id,
+            "eos_token_id": tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])}
 
 
 def copy_tokenizer(src: Path, dst: Path, *, add_special: tuple[str, ...] = (), pad_token: str | None = None,

@@ -103,9 +103,9 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     prompts = build_prompts(df)  # decodes every image pointer up front: a bad row fails before any work
     work_dir.mkdir(parents=True, exist_ok=True)
     # Everything a cached prediction depends on: new code, another dtype or batching predicts afresh.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = {"template": template, "max_new_tokens": max_new_tokens, "prompt_style": "xtuner", "tsv_md5": md5(tsv),
-                "model": model_id, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "batch_size": batch_size,
-                "fast": fast, "code": code_hash(*EVAL_CODE)}
+                "model": model_id, "dtype": dtype, "batch_size": batch_size, "fast": fast, "code": code_hash(*EVAL_CODE)}
     cache_dir = work_dir / "cache"
     cache_dir.mkdir(exist_ok=True)
     stamp = cache_dir / "settings.json"
