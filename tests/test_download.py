@@ -16,6 +16,7 @@ from PIL import Image
 
 from llavaflow.data.check import check_data
 from llavaflow.data.dataset import DataError
+from conftest import run
 from llavaflow.download import DownloadError, Entry, auth_headers, download, safe_extract
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)
@@ -32,9 +33,32 @@ class Server(http.server.ThreadingHTTPServer):
         pass  # a client that went away mid-file (killed by a test) is expected here
 
 
+def etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest()}"'
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
+    """Plain files with strong ETags, Range and If-Range (RFC 9110); under /<kind>s/<repo>/resolve/<rev>/ the
+    headers huggingface_hub reads from the hub (X-Repo-Commit, ETag, size)."""
+
     def log_message(self, *a):
         pass
+
+    def do_HEAD(self):
+        self.server.log.append((self.path, "HEAD"))
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self._file_headers(data)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
+    def _file_headers(self, data: bytes):
+        self.send_header("ETag", etag(data))
+        if "/resolve/" in self.path:
+            self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
 
     def do_GET(self):
         srv = self.server
@@ -45,16 +69,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         start = 0
         rng = self.headers.get("Range")
-        if rng and self.path not in srv.ignore_range:
+        if_range = self.headers.get("If-Range")
+        if rng and self.path not in srv.ignore_range and if_range in (None, etag(data)):
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
                 self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.end_headers()
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
+        self._file_headers(data)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -111,6 +138,63 @@ def test_404_names_status_and_url_and_mirror_is_used(server, tmp_path):
     server.files["/old/x.tsv"] = b"index\tquestion\n"
     download([Entry(dest="x.tsv", url=server.url + "/new/x.tsv", mirrors=[server.url + "/old/x.tsv"])], tmp_path)
     assert (tmp_path / "x.tsv").read_bytes() == b"index\tquestion\n"
+
+
+def test_a_file_changed_upstream_restarts_instead_of_resuming(server, tmp_path):
+    """The part file's bytes came with one ETag; the server now has other bytes: If-Range makes it send the
+    whole new file, which replaces the part instead of being glued onto it."""
+    old, new = PAYLOAD[:1000], os.urandom(5000)
+    part = tmp_path / "e.bin.part"
+    part.write_bytes(old[:600])
+    (tmp_path / "e.bin.part.etag").write_text(etag(old))
+    server.files["/e.bin"] = new
+    download([Entry(dest="e.bin", url=server.url + "/e.bin")], tmp_path)
+    assert (tmp_path / "e.bin").read_bytes() == new
+    assert not part.exists() and not (tmp_path / "e.bin.part.etag").exists()
+
+
+def test_a_stale_part_longer_than_the_file_is_not_taken_as_complete(server, tmp_path):
+    """416 means the Range starts past the end: only a part of exactly the server's size is complete."""
+    server.files["/f.bin"] = PAYLOAD[:1000]
+    (tmp_path / "f.bin.part").write_bytes(os.urandom(3000))  # no ETag recorded: If-Range cannot help here
+    download([Entry(dest="f.bin", url=server.url + "/f.bin")], tmp_path)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD[:1000]
+    (tmp_path / "g.bin.part").write_bytes(PAYLOAD[:1000])  # a complete part (the rename was interrupted)
+    server.files["/g.bin"] = PAYLOAD[:1000]
+    n = len(server.log)
+    download([Entry(dest="g.bin", url=server.url + "/g.bin")], tmp_path)
+    assert (tmp_path / "g.bin").read_bytes() == PAYLOAD[:1000] and server.log[n:] == [("/g.bin", "bytes=1000-")]
+
+
+def test_an_archive_that_does_not_extract_is_fetched_again(server, tmp_path):
+    good = _zip({"a.txt": b"A" * 5000})
+    server.files["/h.zip"] = good[: len(good) // 2]  # truncated upstream (no checksum to catch it)
+    entry = Entry(dest="h.zip", url=server.url + "/h.zip", extract=True)
+    with pytest.raises(DownloadError, match=r"h.zip: cannot extract .*moved aside as .*h.zip.bad"):
+        download([entry], tmp_path)
+    assert not (tmp_path / "h.zip").exists() and (tmp_path / "h.zip.bad").is_file()
+    server.files["/h.zip"] = good
+    assert download([entry], tmp_path) == ["downloaded, extracted: h.zip"]
+    assert (tmp_path / "a.txt").read_bytes() == b"A" * 5000
+
+
+def test_hub_files_are_checked_and_extracted_where_the_entry_says(server, tmp_path):
+    """`llavaflow download` against a hub on 127.0.0.1 (HF_ENDPOINT): the hub entry's zip is verified and
+    extracted into extract_to, as LLaVA-Pretrain's images.zip must be."""
+    zipped = _zip({"00000/000000012.jpg": b"jpeg bytes"})
+    server.files["/datasets/liuhaotian/LLaVA-Pretrain/resolve/main/images.zip"] = zipped
+    entries = [{"dest": "llava/llava_pretrain/images.zip", "extract": True, "md5": md5(zipped),
+                "extract_to": "llava/llava_pretrain/images",
+                "hub": {"repo": "liuhaotian/LLaVA-Pretrain", "path": "images.zip", "repo_type": "dataset"}}]
+    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    cmd = ["llavaflow", "download", "--root", str(tmp_path / "root"), "--entries", json.dumps(entries)]
+    run(cmd, env=env, timeout=300)
+    images = tmp_path / "root" / "llava" / "llava_pretrain" / "images"
+    assert (images / "00000" / "000000012.jpg").read_bytes() == b"jpeg bytes"
+    assert any(p.endswith("/resolve/main/images.zip") for p, _ in server.log)
+    entries[0]["md5"] = "0" * 32
+    proc = run(cmd[:-1] + [json.dumps(entries)], env=env, timeout=300, check=False)
+    assert proc.returncode != 0 and "md5 mismatch" in proc.stderr and "images.zip.bad" in proc.stderr, proc.stderr
 
 
 def test_checksum_mismatch_keeps_the_file_aside(server, tmp_path):

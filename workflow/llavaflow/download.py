@@ -1,19 +1,25 @@
 """Downloads: manifest entries fetched from plain URLs (resumable, verified) or the Hugging Face hub.
 
-A plain URL streams to <dest>.part, resumes with an HTTP Range request after a broken connection,
-retries with backoff, and only a file whose checksum matches is renamed into place (a mismatching one is
-kept aside as <dest>.bad and never used). A file already in place with the right checksum is not fetched
-again. Hub files go through huggingface_hub, which honours HF_ENDPOINT mirrors and HF_TOKEN.
+A plain URL streams to <dest>.part, resumes with an HTTP Range request after a broken connection (an
+If-Range with the first response's ETag, so a file that changed upstream restarts instead of being glued
+onto old bytes), retries with backoff, and only a complete file whose checksum matches is renamed into
+place (a mismatching one is kept aside as <dest>.bad and never used). A file already in place with the
+right checksum is not fetched again. Hub files go through huggingface_hub, which honours HF_ENDPOINT
+mirrors and HF_TOKEN; they are checked and extracted like the others. An archive that does not extract
+is moved aside as <dest>.bad, so the next attempt fetches it again.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
+import lzma
 import os
 import tarfile
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +36,10 @@ class DownloadError(RuntimeError):
     pass
 
 
+class NotAnArchive(DownloadError):
+    pass
+
+
 @dataclass
 class Entry:
     """One manifest entry: where a file comes from, where it goes, how to check it."""
@@ -41,6 +51,7 @@ class Entry:
     md5: str | None = None
     sha256: str | None = None
     extract: bool = False
+    extract_to: str | None = None  # folder (relative to the root) to extract into; default: the archive's folder
     manual: str | None = None  # sources no program can fetch: the steps for a person; presence is checked
 
     @classmethod
@@ -84,22 +95,40 @@ def fetch_url(url: str, dest: Path, entry: Entry, session: requests.Session, ret
               backoff: float = 1.0, bar_position: int = 0) -> None:
     """Stream url to dest through dest.part, resuming with Range; verify, then rename into place."""
     part = dest.with_name(dest.name + ".part")
+    validator = dest.with_name(dest.name + ".part.etag")  # the ETag the part's bytes came with
     dest.parent.mkdir(parents=True, exist_ok=True)
     attempt = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
-        headers = {**auth_headers(url), **({"Range": f"bytes={have}-"} if have else {})}
+        headers = auth_headers(url)
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if validator.is_file():
+                headers["If-Range"] = validator.read_text()
         try:
             with session.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
-                if r.status_code == 416:  # the part file already holds every byte
-                    break
+                if r.status_code == 416:
+                    size = _full_size(r)
+                    if size != have:  # a stale or overlong part: start again from nothing
+                        log.info("%s: the part file holds %d bytes, the server has %s; starting %s again",
+                                 url, have, size, dest.name)
+                        part.unlink()
+                        validator.unlink(missing_ok=True)
+                        continue
+                    break  # the part file already holds every byte
                 if r.status_code >= 400:
                     if r.status_code < 500 or attempt >= retries:
                         raise DownloadError(f"HTTP {r.status_code} for {url}")
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
                 resumed = r.status_code == 206
                 if have and not resumed:
-                    log.info("%s ignored the Range request; starting %s again", url, dest.name)
+                    log.info("%s ignored the Range request or the file changed; starting %s again", url, dest.name)
+                if not resumed:
+                    etag = r.headers.get("ETag")
+                    if etag and not etag.startswith("W/"):  # If-Range takes strong validators only
+                        validator.write_text(etag)
+                    else:
+                        validator.unlink(missing_ok=True)
                 total = int(r.headers.get("Content-Length", 0)) + (have if resumed else 0)
                 with open(part, "ab" if resumed else "wb") as f, tqdm(
                         total=total or None, initial=have if resumed else 0, unit="B", unit_scale=True,
@@ -122,9 +151,17 @@ def fetch_url(url: str, dest: Path, entry: Entry, session: requests.Session, ret
         if got != check[1]:
             bad = dest.with_name(dest.name + ".bad")
             os.replace(part, bad)
+            validator.unlink(missing_ok=True)
             raise DownloadError(f"{url}: {check[0]} mismatch for {dest}: expected {check[1]}, got {got} "
                                 f"(the file is kept aside as {bad} and not used)")
     os.replace(part, dest)
+    validator.unlink(missing_ok=True)
+
+
+def _full_size(response: requests.Response) -> int | None:
+    """The resource's size from a 416's Content-Range ("bytes */<size>"), if the server gave it."""
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 def fetch_hub(entry: Entry, root: Path) -> Path | None:
@@ -179,7 +216,7 @@ def safe_extract(archive: Path, target: Path) -> None:
                     raise DownloadError(f"{archive}: refusing special member {m.name!r}")
             t.extractall(target, filter="data")
     else:
-        raise DownloadError(f"{archive}: not a zip or tar archive")
+        raise NotAnArchive(f"{archive}: not a zip or tar archive")
     marker.write_text(stamp)
 
 
@@ -191,8 +228,18 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
             raise DownloadError(f"{dest} is missing and cannot be fetched by program. Manual step: {entry.manual}")
         return f"present (manual): {entry.dest}"
     if entry.hub:
-        fetch_hub(entry, root)
-        return f"hub: {entry.hub['repo']} {entry.hub.get('path', '(snapshot)')}"
+        dest = fetch_hub(entry, root)
+        how = f"hub: {entry.hub['repo']} {entry.hub.get('path', '(snapshot)')}"
+        check = _checksum(entry)
+        if dest is not None and check and not verified(dest, entry):
+            bad = dest.with_name(dest.name + ".bad")
+            os.replace(dest, bad)
+            raise DownloadError(f"hub {entry.hub['repo']}/{entry.hub.get('path', '')}: {check[0]} mismatch for "
+                                f"{dest} (the file is kept aside as {bad} and not used)")
+        if entry.extract and dest is not None:
+            _extract(dest, root, entry)
+            how += ", extracted"
+        return how
     dest = root / entry.dest
     if verified(dest, entry):
         how = "already in place"
@@ -210,9 +257,24 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
             raise DownloadError("; ".join(errors))
         how = "downloaded"
     if entry.extract:
-        safe_extract(dest, dest.parent)
+        _extract(dest, root, entry)
         how += ", extracted"
     return f"{how}: {entry.dest}"
+
+
+def _extract(archive: Path, root: Path, entry: Entry) -> None:
+    """Extract into extract_to (or beside the archive). A file that is no readable archive is moved aside, so
+    a retry fetches it again instead of failing on the same bytes for ever."""
+    target = root / entry.extract_to if entry.extract_to else archive.parent
+    try:
+        safe_extract(archive, target)
+    # corrupt-data errors only: a full disk (OSError) must not throw away a good 19 GB archive
+    except (NotAnArchive, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+            lzma.LZMAError) as e:
+        bad = archive.with_name(archive.name + ".bad")
+        os.replace(archive, bad)
+        raise DownloadError(f"{archive}: cannot extract ({e}); moved aside as {bad}, so the next run fetches "
+                            "it again") from None
 
 
 def download(entries: list[Entry], root: str | Path, jobs: int = 4) -> list[str]:
