@@ -148,8 +148,32 @@ def mm_vision_tower():
     return str(Path(tower).resolve()) if TINY or Path(tower).exists() else tower
 
 
-def download_entries(wildcards):
-    return json.dumps(config["downloads"][wildcards.stage], sort_keys=True)
+# What decides a download's bytes. Mirrors, manual steps and the worker count decide only how they are fetched:
+# untracked (functions of resources), so editing them neither re-downloads nor retrains. Nor is download.py's
+# code hashed: every file is checked where it lies, and a rerun of a download would rerun both trainings.
+DOWNLOAD_IDENTITY = ("dest", "url", "hub", "md5", "sha256", "extract", "extract_to")
+
+
+def download_identity(entries):
+    return json.dumps([{k: e[k] for k in DOWNLOAD_IDENTITY if k in e} for e in entries], sort_keys=True)
+
+
+def _download_manifest(wildcards):
+    return config["downloads"][wildcards.stage]
+
+
+def download_sources(wildcards):
+    """Tracked: the stage manifest's identity."""
+    return download_identity(_download_manifest(wildcards))
+
+
+def download_entries(wildcards, resources):
+    """Untracked: the whole manifest, as the command reads it."""
+    return json.dumps(_download_manifest(wildcards), sort_keys=True)
+
+
+def download_jobs(wildcards, resources):
+    return config["downloads"]["jobs"]
 
 
 def data_root(wildcards):
@@ -160,8 +184,17 @@ def check_sources(wildcards):
     return json.dumps(stage_recipe(config, wildcards.stage).datasets, sort_keys=True)
 
 
-def mmbench_entry(wildcards):
-    return json.dumps([dict(config["downloads"]["mmbench"][wildcards.dataset], dest=f"{wildcards.dataset}.tsv")])
+def _mmbench_manifest(wildcards):
+    return [dict(config["downloads"]["mmbench"][wildcards.dataset], dest=f"{wildcards.dataset}.tsv")]
+
+
+def mmbench_source(wildcards):
+    """Tracked: the benchmark file's identity (its URL and md5, not its mirrors)."""
+    return download_identity(_mmbench_manifest(wildcards))
+
+
+def mmbench_entry(wildcards, resources):
+    return json.dumps(_mmbench_manifest(wildcards))
 
 
 def every_benchmark(wildcards):

@@ -11,10 +11,10 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_data/{stage}.tsv"
         params:
+            sources=download_sources,
             entries=download_entries,
             root=data_root,
-            jobs=config["downloads"]["jobs"],
-            code=code_hash("download.py"),
+            jobs=download_jobs,
         localrule: True
         retries: 3
         threads: 4
@@ -59,8 +59,8 @@ if not TINY:
         benchmark:
             "results/benchmarks/download_mmbench/{dataset}.tsv"
         params:
+            source=mmbench_source,
             entries=mmbench_entry,
-            code=code_hash("download.py"),
         localrule: True
         retries: 3
         threads: 1

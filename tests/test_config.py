@@ -73,6 +73,8 @@ def test_the_schema_requires_every_recipe_value_that_changes_the_result():
     (lambda c: c["model"].pop("llm"), "config key model.llm: missing"),
     (lambda c: c.pop("finetune"), "config key finetune: missing"),
     (lambda c: c["pretrain"].pop("eps"), "config key pretrain.eps: missing"),
+    (lambda c: c["downloads"]["mmbench"].pop("CCBench"),
+     "config key downloads.mmbench.CCBench: missing (mmbench.datasets lists CCBench; give its url and md5)"),
     (lambda c: c["pretrain"].update(accumulative_counts=16),  # save_steps 1000
      "config key pretrain.save_steps: 1000 is not a multiple of accumulative_counts (16): a checkpoint inside an "
      "accumulation cannot be resumed exactly"),

@@ -284,3 +284,43 @@ def test_data_check_reports_missing_and_broken_images(tmp_path):
     assert len(lines) == 3 and "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
     counts = check_data(src, tmp_path / "report.tsv", on_bad_sample="skip")
     assert counts[str(ann)] == {"samples": 3, "with_image": 3, "bad_images": 2, "malformed": 0}
+
+
+def test_the_real_presets_data_rules_rerun_for_new_bytes_only(server, tmp_path):
+    """download_data and check_data of the real preset, against a server on 127.0.0.1: the worker count, mirrors
+    and manual notes are untracked (a rerun of the download would retrain both stages); a checksum is tracked."""
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 99, 199)).save(png, format="PNG")
+    images = _zip({"00000/a.png": png.getvalue(), "00000/b.png": png.getvalue()})
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
+    annotation = json.dumps([{"id": i, "image": f"00000/{n}.png", "conversations": conv} for i, n in enumerate("ab")])
+    server.files.update({"/caps.json": annotation.encode(), "/images.zip": images})
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["downloads"]["pretrain"] = [
+        {"dest": "caps.json", "url": server.url + "/caps.json"},
+        {"dest": "llava/images.zip", "url": server.url + "/images.zip", "extract": True,
+         "extract_to": "llava/images", "md5": md5(images)}]
+    cfg["data"]["pretrain"]["datasets"] = [{"annotation": "caps.json", "image_folder": "llava/images"}]
+
+    def snakemake(config, *extra):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return run([sys.executable, "-m", "snakemake", "results/data/pretrain.check.json", "--cores", "2",
+                    "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(path),
+                    *extra], cwd=tmp_path, timeout=600).stdout
+
+    snakemake(cfg)
+    counts = json.loads((tmp_path / "results" / "data" / "pretrain.check.json").read_text())
+    assert counts[str(Path("results/data/pretrain/caps.json"))]["with_image"] == 2
+    cfg["downloads"]["jobs"] = 8
+    cfg["downloads"]["pretrain"][0]["mirrors"] = [server.url + "/mirror/caps.json"]
+    assert "Nothing to be done" in snakemake(cfg, "-n")
+    cfg["downloads"]["pretrain"][1]["md5"] = "0" * 32
+    plan = snakemake(cfg, "-n")
+    assert "rule download_data:" in plan and "rule check_data:" in plan, plan

@@ -104,6 +104,14 @@ def test_slurm_profile_resources(tmp_path):
     assert not (ROOT / "profiles" / "default").exists()  # would be layered silently onto every profile
 
 
+def test_slurm_profile_sends_every_gpu_job_to_the_gpu_partition(tmp_path):
+    out = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "slurm"))
+    rules = {block.split(":")[0] for block in out.split("rule ")[1:] if "resources: " in block}
+    gpu_rules = {r for r in rules if "gpu" in job_resources(out, r) or "gres" in job_resources(out, r)}
+    assert {"pretrain", "finetune", "mmbench_eval", "mmbench_predict"} <= gpu_rules
+    assert {r: job_resources(out, r)["slurm_partition"] for r in gpu_rules} == {r: "gpu" for r in gpu_rules}
+
+
 def _requirements():
     import tomllib
 
@@ -203,3 +211,43 @@ def test_evaluation_runs_in_the_configured_dtype(tmp_path, dtype):
                             str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(path)])
     shell = (proc.stdout + proc.stderr).split("rule mmbench_eval:")[1].split("Shell command: ")[1].split("\n")[0]
     assert f" --torch-dtype {dtype} " in shell, shell
+
+
+# Modules that shape no result: atomic publishing, the hashing itself, experiment-tracker adapters.
+NOT_RESULT_CODE = {"atomic.py", "identity.py", "train/tracking.py"}
+
+
+@pytest.mark.parametrize("stage, entry_modules", [
+    ("TRAIN_CODE", ["llavaflow.train.loop"]),
+    ("EVAL_CODE", ["llavaflow.eval.mmbench", "llavaflow.eval.predict", "llavaflow.model.loading"]),
+    ("CONVERT_CODE", ["llavaflow.convert.exports", "llavaflow.convert.pth_to_hf", "llavaflow.convert.phi3_llama",
+                      "llavaflow.convert.gguf"]),
+])
+def test_each_stage_hashes_the_modules_it_imports(stage, entry_modules):
+    """A module a stage imports is part of its code hash (an edit reruns the stage), unless it shapes no result."""
+    from llavaflow import identity
+
+    script = (f"import sys, {', '.join(entry_modules)}; import llavaflow; from pathlib import Path; "
+              "root = Path(llavaflow.__file__).parent; "
+              "print('\\n'.join(str(Path(m.__file__).relative_to(root)) for n, m in list(sys.modules.items()) "
+              "if n.startswith('llavaflow') and getattr(m, '__file__', None)))")
+    imported = {p for p in run([sys.executable, "-c", script]).stdout.split() if not p.endswith("__init__.py")}
+    parts = getattr(identity, stage)
+    covered = {p for p in imported if any(p == part or p.startswith(part + "/") for part in parts)}
+    assert imported - covered - NOT_RESULT_CODE == set()
+    assert (identity.PACKAGE / "train" / "tracking.py").is_file()  # the exemptions name real files
+
+
+def test_snakemake_touch_keeps_a_folders_identity(tmp_path):
+    """`snakemake --touch` rewrites a directory output's .snakemake_timestamp; a training or evaluation state
+    keyed on that folder must survive it (only a real rewrite is a new input)."""
+    import os
+
+    from llavaflow.identity import path_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 10)
+    before = path_fingerprint(tmp_path)
+    (tmp_path / ".snakemake_timestamp").write_text("")
+    assert path_fingerprint(tmp_path) == before
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    assert path_fingerprint(tmp_path) != before

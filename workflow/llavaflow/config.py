@@ -57,6 +57,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
         raise ConfigError("\n".join(dict.fromkeys(lines)))
     lines = [f"config key {stage}.{key}: {why}" for stage in STAGE_INPUT
              for key, why in combination_errors(config[stage]).items()]
+    if config["preset"] != "tiny":  # the real preset downloads every benchmark it evaluates
+        sources = (config.get("downloads") or {}).get("mmbench") or {}
+        lines += [f"config key downloads.mmbench.{name}: missing (mmbench.datasets lists {name}; give its url and md5)"
+                  for name in config["mmbench"]["datasets"] if name not in sources]
     if lines:
         raise ConfigError("\n".join(lines))
     from snakemake.utils import validate

@@ -12,10 +12,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent  # the installed llavaflow that the jobs run
 
-# The package's modules each stage's result depends on.
-TRAIN_CODE = ("train", "model", "data", "template.py", "constants.py")
-CONVERT_CODE = ("convert", "model", "template.py")
-EVAL_CODE = ("eval", "model", "data", "template.py")
+# The package's modules each stage's result depends on. Training leaves out its experiment-tracker adapters and the
+# extension-build lock: editing them must not rerun (and so restart) a days-long training.
+TRAIN_CODE = ("train/loop.py", "train/recipe.py", "train/schedule.py", "train/resume_state.py", "train/memory.py",
+              "train/metrics.py", "train/flops.py", "model", "data", "template.py", "constants.py", "distributed.py")
+CONVERT_CODE = ("convert", "model", "template.py", "constants.py")
+EVAL_CODE = ("eval", "model", "data", "template.py", "constants.py", "distributed.py")
 
 
 def code_hash(*parts: str) -> str:
@@ -37,7 +39,7 @@ def path_fingerprint(path: str | Path) -> str:
     path = Path(path)
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
+        if f.is_file() and f.name != ".snakemake_timestamp":  # rewritten by `snakemake --touch`
             st = f.stat()
             h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
