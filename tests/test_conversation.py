@@ -70,3 +70,14 @@ def test_system_prompt_only_on_the_first_turn(tokenizer):
 def test_two_images_in_one_prompt_are_refused(tokenizer):
     with pytest.raises(ConversationError, match="at most one <image>"):
         encode_turns([Turn("<image> and <image>", "x")], tokenizer, PHI3_CHAT, None)
+
+
+def test_an_image_in_two_turns_or_a_message_that_is_not_an_object_is_malformed():
+    """xtuner asserts one <image> per turn only: an image in two turns would take the next sample's image
+    features for the second placeholder. A message that is not an object crashed with an AttributeError."""
+    two = [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "a"},
+           {"from": "human", "value": "<image>\nB?"}, {"from": "gpt", "value": "b"}]
+    with pytest.raises(ConversationError, match="2 <image> placeholders in one conversation"):
+        llava_turns(two)
+    with pytest.raises(ConversationError, match="message must be .*got 'hello'"):
+        llava_turns(["hello", {"from": "gpt", "value": "x"}])

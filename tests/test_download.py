@@ -269,21 +269,32 @@ def test_token_only_goes_to_the_hub(monkeypatch):
     assert auth_headers("http://images.cocodataset.org/zips/train2017.zip") == {}
 
 
-def test_data_check_reports_missing_and_broken_images(tmp_path):
+def test_data_check_reports_missing_broken_and_truncated_images(tmp_path):
+    """The list of a failed check is kept beside the declared report (which Snakemake deletes on failure); a
+    JPEG cut short, which PIL's verify() passes, is found by decoding it as training does."""
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "imgs" / "ok.png")
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG broken")
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(jpeg, format="JPEG")
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    with Image.open(tmp_path / "imgs" / "cut.jpg") as img:
+        img.verify()  # what the check used before: no error
     ann = tmp_path / "a.jsonl"
     conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
     ann.write_text("\n".join(json.dumps({"id": i, "image": f"imgs/{n}", "conversations": conv})
-                             for i, n in enumerate(["ok.png", "broken.png", "gone.png"])) + "\n")
+                             for i, n in enumerate(["ok.png", "broken.png", "gone.png", "cut.jpg"])) + "\n")
     src = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
-    with pytest.raises(DataError, match="2 referenced images are missing or unreadable"):
-        check_data(src, tmp_path / "report.tsv")
-    lines = (tmp_path / "report.tsv").read_text().splitlines()
-    assert len(lines) == 3 and "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
-    counts = check_data(src, tmp_path / "report.tsv", on_bad_sample="skip")
-    assert counts[str(ann)] == {"samples": 3, "with_image": 3, "bad_images": 2, "malformed": 0}
+    report, kept = tmp_path / "report.tsv", tmp_path / "report.failed.tsv"
+    with pytest.raises(DataError, match=f"3 referenced images are missing or unreadable, .*the list is in {kept}"):
+        check_data(src, report)
+    lines = kept.read_text().splitlines()
+    assert not report.exists() and len(lines) == 4
+    assert "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
+    assert "cut.jpg\tunreadable (not a readable image (image file is truncated" in lines[3]
+    counts = check_data(src, report, on_bad_sample="skip")
+    assert counts[str(ann)] == {"samples": 4, "with_image": 4, "bad_images": 3, "malformed": 0}
+    assert report.read_text().splitlines() == lines and not kept.exists()
 
 
 def test_the_real_presets_data_rules_rerun_for_new_bytes_only(server, tmp_path):

@@ -1,4 +1,4 @@
-"""The data check after a download: count samples, verify every referenced image exists and opens."""
+"""The data check after a download: count samples, verify every referenced image exists and decodes."""
 
 from __future__ import annotations
 
@@ -6,23 +6,28 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-
 from ..atomic import atomic_output
 from .dataset import DataError, read_annotations
+from .images import ImageError, open_image
 
 log = logging.getLogger(__name__)
 
 
 def _problem(path: Path) -> str | None:
+    """Training's own loading (decode every pixel, then RGB): PIL's verify() reads no JPEG data, so a truncated
+    JPEG passed it and failed hours into training."""
     if not path.is_file():
         return "missing"
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as e:  # PIL raises many types for broken files
-        return f"unreadable ({type(e).__name__}: {e})"
+        open_image(path)
+    except ImageError as e:
+        return f"unreadable ({str(e).removeprefix(f'{path}: ')})"
     return None
+
+
+def failed_report(report: Path) -> Path:
+    """Where the list goes when the check fails: Snakemake deletes a failed job's declared outputs."""
+    return report.with_name(report.name.removesuffix(".tsv") + ".failed.tsv")
 
 
 def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "error", threads: int = 8) -> dict:
@@ -40,10 +45,12 @@ def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "er
         counts[src["annotation"]] = {"samples": len(records), "with_image": len(with_image), "bad_images": len(bad),
                                      "malformed": malformed}
         log.info("%s: %d samples, %d with an image, %d bad images", src["annotation"], len(records), len(with_image), len(bad))
-    with atomic_output(report, folder=False, overwrite=True) as tmp:
+    failing = bool(rows) and on_bad_sample != "skip"
+    with atomic_output(failed_report(report) if failing else report, folder=False, overwrite=True) as tmp:
         tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
-    if rows and on_bad_sample != "skip":
+    if failing:
         raise DataError(f"{len(rows)} referenced images are missing or unreadable, e.g. {rows[0].split(chr(9))[3]} "
-                        f"({rows[0].split(chr(9))[4]}); the list is in {report}. Fix the data or set "
-                        "data.on_bad_sample: skip to train without them")
+                        f"({rows[0].split(chr(9))[4]}); the list is in {failed_report(report)}. Fix the data or "
+                        "set data.on_bad_sample: skip to train without them")
+    failed_report(report).unlink(missing_ok=True)  # ours, from an earlier failed check
     return counts

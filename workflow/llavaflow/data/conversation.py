@@ -28,12 +28,13 @@ def llava_turns(conversations: list[dict]) -> list[Turn]:
     turns: list[Turn] = []
     pending = ""
     messages = list(conversations)
-    while messages and messages[0].get("from") == "gpt":
+    for msg in messages:
+        if not isinstance(msg, dict) or msg.get("from") not in ("human", "gpt") or not isinstance(msg.get("value"), str):
+            raise ConversationError(f"message must be {{from: human|gpt, value: str}}, got {msg!r}")
+    while messages and messages[0]["from"] == "gpt":
         messages.pop(0)
     for msg in messages:
-        role, value = msg.get("from"), msg.get("value")
-        if role not in ("human", "gpt") or not isinstance(value, str):
-            raise ConversationError(f"message must be {{from: human|gpt, value: str}}, got {msg!r}")
+        role, value = msg["from"], msg["value"]
         if role == "human":
             if DEFAULT_IMAGE_TOKEN in value:  # an image-only message keeps no "\n" (xtuner strips again)
                 value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
@@ -41,6 +42,9 @@ def llava_turns(conversations: list[dict]) -> list[Turn]:
         else:
             turns.append(Turn(pending, value))
             pending = ""
+    images = sum(t.input.count(DEFAULT_IMAGE_TOKEN) for t in turns)
+    if images > 1:  # xtuner would give the extra placeholder the next sample's image features
+        raise ConversationError(f"{images} {DEFAULT_IMAGE_TOKEN} placeholders in one conversation; a sample holds one image")
     return turns
 
 
