@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 
 from conftest import ROOT
 from llavaflow.constants import IMAGE_TOKEN_INDEX
-from llavaflow.data.conversation import encode_prompt
+from llavaflow.data.conversation import Turn, encode_prompt
 from llavaflow.data.images import ImageError, open_image
 from llavaflow.template import PHI3_CHAT
 from llavaflow.tiny import Scene, draw
@@ -73,6 +74,16 @@ def test_a_stop_word_of_several_tokens_ends_the_reply_where_it_appears(converted
     cut = chat(args + ["--stop-words", word])
     assert cut.returncode == 0, cut.stderr
     assert cut.stdout.strip() == text[:text.find(word)].strip()
+
+    # in a conversation, the reply a stop word ended stays in the history (it was dropped)
+    from llavaflow.chat import Session, fetch_image, generation_kwargs, load_backend
+
+    backend = load_backend(str(converted["out"] / "iter_xtuner"), torch.float32, "cpu")
+    session = Session(backend, replace(PHI3_CHAT, stop_words=PHI3_CHAT.stop_words + (word,)), "",
+                      generation_kwargs(0, 0.75, 40, 16, 1.0))
+    session.set_image(fetch_image(str(image)))
+    answer = session.ask("Describe it.")
+    assert answer.strip() == cut.stdout.strip() and session.turns == [Turn("<image>\nDescribe it.", answer)]
 
 
 def test_bad_image_in_one_shot_mode(converted, tmp_path):
@@ -132,26 +143,30 @@ def test_interactive_session_on_a_pty(converted, image):
                    "--max-new-tokens", "12"])
     s.expect(">>> ")
     s.send("What colour are the shapes?")
+    s.send("")  # as in xtuner chat, an empty line ends the message
     first = s.expect(">>> ")
     assert "BOT: " in first and first.split("BOT: ", 1)[1].strip()
     s.send("And how many are there?")
-    assert "BOT: " in s.expect(">>> ")
-    s.send("/reset")
+    s.send("A. one")
+    s.send("B. two")
+    s.send("")
+    assert s.expect(">>> ").count("BOT: ") == 1  # three lines, one question
+    s.send("/reset\n")
     assert "(conversation reset)" in s.expect(">>> ")
-    s.send("What colour are the shapes?")
+    s.send("What colour are the shapes?\n")
     again = s.expect(">>> ")
     # after a reset the same question gets the same (greedy) answer as at the start
     assert again.split("BOT: ", 1)[1].strip() == first.split("BOT: ", 1)[1].strip()
-    s.send("/image /no/such/picture.png")
+    s.send("/image /no/such/picture.png\n")
     assert "error: /no/such/picture.png: image file not found" in s.expect(">>> ")
-    s.send("still there?")
+    s.send("still there?\n")
     assert "BOT: " in s.expect(">>> ")  # the session goes on
     bomb = bomb_png(image.parent / "bomb.png")
-    s.send(f"/image {bomb}")
+    s.send(f"/image {bomb}\n")
     assert f"error: {bomb}: refused as a possible decompression bomb (Image size (900000000 pixels)" in s.expect(">>> ")
-    s.send("What colour are the shapes?")
+    s.send("What colour are the shapes?\n")
     assert "BOT: " in s.expect(">>> ")  # ... after a decompression bomb too, with the last good image
-    s.send("/exit")
+    s.send("/exit\n")
     assert s.proc.wait(timeout=60) == 0
 
 

@@ -18,7 +18,8 @@ from .data.conversation import Turn, encode_prompt, encode_turns
 from .data.images import ImageError, open_image
 from .template import PromptTemplate
 
-HELP = "commands: /image PATH_OR_URL (new image, new conversation), /reset (or RESET), /exit (or EXIT)"
+HELP = ("end each message with an empty line (double enter), as in xtuner chat; commands: /image PATH_OR_URL "
+        "(new image, new conversation), /reset (or RESET), /exit (or EXIT)")
 
 
 def fetch_image(source: str):
@@ -123,9 +124,9 @@ class Session:
         cut = next((i for i, t in enumerate(out) if t in stop), len(out))
         answer = tok.decode(out[:cut], skip_special_tokens=True)
         at = min((answer.find(s) for s in strings if s in answer), default=-1)
-        if at >= 0:
+        if at >= 0:  # a --stop-words text ended the reply: it ends there, and the turn stays in the history
             answer = answer[:at]
-        elif cut == len(out) and len(out) >= self.gen.get("max_new_tokens", 0):
+        if at < 0 and cut == len(out) and len(out) >= self.gen.get("max_new_tokens", 0):
             self.turns = []  # as xtuner: a reply cut by the budget ends the conversation
         else:
             self.turns.append(Turn(("<image>\n" + text) if not self.turns and self.pixels is not None else text, answer))
@@ -149,6 +150,21 @@ def generation_kwargs(temperature: float, top_p: float, top_k: int, max_new_toke
     return kw
 
 
+def read_message(inp) -> str | None:
+    """One message as xtuner chat reads it: lines up to an empty one, so a question pasted with its options on
+    separate lines is one turn. None at the end of the input with nothing typed."""
+    lines: list[str] = []
+    while True:
+        line = inp.readline()
+        if not line:
+            return "\n".join(lines).strip() or None
+        line = line.rstrip("\r\n")
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            return "\n".join(lines).strip()
+
+
 def interactive(session: Session, stream: bool, inp=sys.stdin, out=sys.stdout) -> None:
     from transformers import TextStreamer
 
@@ -156,12 +172,9 @@ def interactive(session: Session, stream: bool, inp=sys.stdin, out=sys.stdout) -
     while True:
         out.write("\n>>> ")
         out.flush()
-        line = inp.readline()
-        if not line:
+        text = read_message(inp)
+        if text is None:
             return
-        text = line.strip()
-        if not text:
-            continue
         if text in ("/exit", "EXIT"):
             return
         if text in ("/reset", "RESET"):
