@@ -187,3 +187,14 @@ window.addEventListener("load", () => document.body.setAttribute("data-sizes",
     shot = tmp_path / "summary.screenshot.png"
     browse(chromium, page, tmp_path / "profile-shot", f"--screenshot={shot}")
     assert plot_pixels(shot) > 2000  # the first figure (training curves) is on screen below the tables
+
+
+def test_curve_titles_count_iterations_not_logged_rows(tmp_path):
+    """metrics.jsonl has a row per log interval (its mean) and per checkpoint: 40 iterations in 5 rows."""
+    from llavaflow.report import training_figure
+
+    rows = [{"iter": i, "loss": 2.0 - i / 40, "lr": 1e-3, "grad_norm": 1.0} for i in (10, 20, 25, 30, 40)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = training_figure({"pretrain": tmp_path / "metrics.jsonl"}, tmp_path / "curves.png")
+    assert fig.axes[0].get_title() == "pretrain (40 iterations)"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["per logged row", "moving mean"]

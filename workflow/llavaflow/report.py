@@ -85,8 +85,8 @@ def _smooth(values: pd.Series) -> pd.Series:
     return values.rolling(max(1, len(values) // 40), min_periods=1, center=True).mean()
 
 
-def training_figure(metrics: dict[str, str | Path], out: str | Path) -> None:
-    """One column per stage, one row per metric, against the training iteration."""
+def training_figure(metrics: dict[str, str | Path], out: str | Path):
+    """One column per stage, one row per metric, against the training iteration; returns the figure."""
     from matplotlib.figure import Figure
 
     frames = {stage: read_metrics(path) for stage, path in metrics.items()}
@@ -106,7 +106,7 @@ def training_figure(metrics: dict[str, str | Path], out: str | Path) -> None:
                 ax.set_yticks([])
                 continue
             if key in ("loss", "grad_norm"):
-                ax.plot(series["iter"], series[key], color="tab:blue", alpha=0.3, lw=0.8, label="per iteration")
+                ax.plot(series["iter"], series[key], color="tab:blue", alpha=0.3, lw=0.8, label="per logged row")
                 ax.plot(series["iter"], _smooth(series[key]), color="tab:blue", lw=1.6, label="moving mean")
                 ax.legend(fontsize=7, loc="upper right")
                 if key == "loss" and series[key].min() > 0 and series[key].max() / series[key].min() > 20:
@@ -115,8 +115,10 @@ def training_figure(metrics: dict[str, str | Path], out: str | Path) -> None:
                 ax.plot(series["iter"], series[key], color="tab:orange" if key == "lr" else "tab:green", lw=1.4)
             if key == "lr":
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        axes[0][col].set_title(f"{stage} ({len(df)} iterations)")
+        # a row per log_interval (the interval's mean) and per checkpoint: the last row's iter is the count
+        axes[0][col].set_title(f"{stage} ({int(df['iter'].max())} iterations)")
     fig.savefig(out, dpi=90)
+    return fig
 
 
 def _categories(block: dict) -> dict[str, float]:
