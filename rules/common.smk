@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,6 +123,42 @@ def _attempt(wildcards, attempt):
     return attempt
 
 
+def _visible_gpus():
+    """The GPUs jobs on this machine see: CUDA_VISIBLE_DEVICES where set, else nvidia-smi's list."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return len([d for d in listed.split(",") if d.strip() not in ("", "-1")])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    proc = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=120)
+    return sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 else 0
+
+
+# snakemake.md §12: a local run (no --jobs limit, which remote executors need) without a `gpu` limit gets one,
+# the machine's GPU count, so GPU jobs cannot all start at once. Internal attributes, hence the guard.
+try:
+    LOCAL_RUN = workflow.nodes is None
+    if LOCAL_RUN and "gpu" not in workflow.global_resources and (_gpus := _visible_gpus()):
+        workflow.register_resource("gpu", _gpus)
+except (AttributeError, KeyError):
+    LOCAL_RUN = False
+
+
+def gpu_request(n):
+    """A GPU job's `gpu`. In a local run it claims the run's whole GPU limit (a larger request is scaled down to
+    it): Snakemake assigns no devices and torchrun puts rank i on cuda:i, so two GPU jobs side by side would both
+    use cuda:0. One evaluation at a time on all GPUs: set mmbench.gpus to shard its rows over them."""
+    if not LOCAL_RUN:
+        return n
+
+    def request(wildcards):
+        limit = workflow.global_resources.get("gpu")
+        return max(n, getattr(limit, "value", limit) or 0)
+
+    return request
+
+
 def train_resources(stage, mem_mb, runtime):
     """Single node: gpu + nodes=1 (--gpus, --nodes=1). Several: per-node gres + an MPI-style job of one task
     per node (tasks_per_gpu=0 keeps the plugin from adding --ntasks-per-gpu). `attempt` (1, 2, … with
@@ -129,7 +166,7 @@ def train_resources(stage, mem_mb, runtime):
     s = config[stage]
     res = {"mem_mb": mem_mb, "runtime": runtime, "nodes": s["nodes"], "attempt": _attempt}
     if s["nodes"] == 1:
-        return {**res, "gpu": s["gpus_per_node"]}
+        return {**res, "gpu": gpu_request(s["gpus_per_node"])}
     return {**res, "gres": f"gpu:{s['gpus_per_node']}", "mpi": "srun", "tasks": s["nodes"], "tasks_per_gpu": 0}
 
 

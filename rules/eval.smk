@@ -30,7 +30,7 @@ rule mmbench_eval:
         launcher=torchrun(config["mmbench"]["gpus"]),
     threads: 2
     resources:
-        gpu=config["mmbench"]["gpus"],
+        gpu=gpu_request(config["mmbench"]["gpus"]),
         nodes=1,
         mem_mb=32000,
         runtime=60,

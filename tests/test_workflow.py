@@ -85,9 +85,20 @@ def test_the_report_depends_on_every_job(tmp_path):
     assert direct == {i for i, r in rule.items() if r not in ("report", "all")}
 
 
-def test_local_profile(tmp_path):
-    out = dry_run(tmp_path, "results/iter_hf", "config.yaml", "--profile", str(ROOT / "profiles" / "local"))
-    assert job_resources(out, "finetune")["gpu"] == "8"
+def test_local_gpu_jobs_run_one_at_a_time_on_all_gpus(tmp_path):
+    """Snakemake assigns no devices and torchrun puts rank i on cuda:i: GPU jobs side by side would share cuda:0.
+    Locally each claims the run's whole gpu limit: the profile's, or (a bare run) the GPUs it sees. On SLURM
+    each asks for its own count."""
+    out = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "local"))
+    assert {r: job_resources(out, r)["gpu"] for r in ("finetune", "mmbench_eval", "mmbench_predict")} == \
+        {"finetune": "8", "mmbench_eval": "8", "mmbench_predict": "8"}
+    proc = run(SNAKEMAKE + ["all", "-n", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+                            str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")],
+               env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    bare = proc.stdout + proc.stderr
+    assert {r: job_resources(bare, r)["gpu"] for r in ("pretrain", "mmbench_eval")} == {"pretrain": "2", "mmbench_eval": "2"}
+    slurm = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "slurm"))
+    assert {r: job_resources(slurm, r)["gpu"] for r in ("finetune", "mmbench_eval")} == {"finetune": "8", "mmbench_eval": "1"}
 
 
 def test_slurm_profile_resources(tmp_path):
