@@ -350,3 +350,45 @@ def test_the_dataset_keeps_a_few_bytes_per_token(tiny, tokenizer, tmp_path):
     tracemalloc.stop()
     tokens = len(ds[0]["input_ids"])
     assert tokens > 100 and kept / (len(ds) * tokens) < 12, (tokens, kept / len(ds))
+
+
+def _build_on_rank(rank, folder, port, results):
+    """One rank of a 2-rank gloo group: rank 1 sees an annotation file with one sample fewer."""
+    import os
+
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from llavaflow.data.images import ImageTransform
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder / "llm")
+        transform = ImageTransform(CLIPImageProcessor.from_pretrained(folder / "vit"), pad_to_square=True)
+        ds = LlavaDataset([{"annotation": str(folder / f"rank{rank}.json"), "image_folder": str(folder)}],
+                          tokenizer, PHI3_CHAT, transform, 64)
+        try:
+            ds.check_same_on_every_rank()
+            results.put((rank, "ok"))
+        except DataError as e:
+            results.put((rank, str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_built_different_datasets_stop_at_the_start(tiny, tmp_path):
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    shutil.copytree(tiny["llm"], tmp_path / "llm")
+    shutil.copytree(tiny["vit"], tmp_path / "vit")
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    for rank, n in ((0, 3), (1, 2)):
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps([{"conversations": conv}] * n))
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_build_on_rank, args=(tmp_path, 29400 + os.getpid() % 500, results), nprocs=2,
+                       start_method="spawn")
+    got = dict(results.get() for _ in range(2))
+    assert got[0] == got[1] and "the ranks built different datasets (samples, fingerprint per rank: [(3, " in got[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,23 @@ class LlavaDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._images)
+
+    def fingerprint(self) -> tuple[int, int]:
+        """(samples, CRC of every sample's length and image presence): equal on every rank that read the same data."""
+        has_image = np.array([image is not None for image in self._images], dtype=np.uint8)
+        return len(self), zlib.crc32(has_image.tobytes(), zlib.crc32(self._offsets.tobytes()))
+
+    def check_same_on_every_rank(self) -> None:
+        """Ranks build their datasets on their own; with on_bad_sample: skip, a file that changed or could not
+        be read on one node while they read would give ranks different samples, and so other iteration counts
+        and a hang in the last collective. Fail at the start instead, naming what each rank built."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        seen = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(seen, self.fingerprint())
+        if len(set(seen)) > 1:
+            raise DataError("the ranks built different datasets (samples, fingerprint per rank: "
+                            f"{seen}): a data file changed or was unreadable on some nodes while they read it")
 
     @property
     def modality_lengths(self) -> list[int]:

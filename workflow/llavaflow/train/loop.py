@@ -222,6 +222,7 @@ def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torc
     _seed_all(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
     dataset = build_dataset(recipe, tokenizer)
+    dataset.check_same_on_every_rank()
     sampler = build_sampler(recipe, dataset, rank, world)
     iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
     total = iters_per_epoch * recipe.epochs
