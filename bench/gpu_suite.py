@@ -2,7 +2,9 @@
 
 The whole plan takes longer than one device call allows (each real-size fine-tune run loads 8 GB of weights
 and writes a ~57 GB final checkpoint: 3-4 minutes on an H200), so no measurement starts after the budget
-(450 s: the call ends within 8 minutes) and `--only NAME ...` picks the ones a call is for.
+(450 s: the call ends within 8 minutes), none starts with less than half its timeout left, and `--only
+NAME ...` picks the ones a call is for. The plan runs the issue's goals first (fine-tune and pretrain with
+the speed settings, MMBench), so a bare `bash bench/gpu_suite.sh` is the call to make when one is all there is.
 
 Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself;
 the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with every
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,23 +82,24 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
 
     # compile is left out of the CPU smoke run: inductor's C++ build takes minutes there
     fast = {k: v for k, v in FAST.items() if not (small and k == "compile")}
-    steps = [("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
-             # H200, 2026-11-30: 167 s (assets built first) and 229 s (assets, compile): a fine-tune's final
-             # checkpoint (~57 GB with the optimizer) is written and removed in each
-             train("e2e_finetune_plain", "finetune", {}, 300),
-             train("e2e_finetune_all", "finetune", fast, 300),
-             # the recipe's peak per phase, against llavaflow.train.memory's figures
-             ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
-              + (["--micro-batch", "2"] if small else []), 180),
-             train("e2e_pretrain_plain", "pretrain", {}, 90),
-             train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 120)]
-    if small:  # the smoke run: each stage once, with every setting, is all the plumbing there is
-        steps = [step for step in steps if not step[0].endswith("_plain")]
+    # Most important first, as one call (15 minutes of device time in all) may be all a session gets: the issue's
+    # goals (fine-tune and pretrain MFU with the speed settings, MMBench time), then the checks behind them.
+    steps = [train("e2e_finetune_all", "finetune", fast, 300),  # H200 2026-11-30: 229 s (assets built, compile)
+             train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 240)]
     mmbench = py + [str(BENCH / "mmbench_speed.py")] + (["--tiny", "--rows", "16", "--batch", "8", "--subset", "4"]
                                                          if small else ["--subset", "64"])
-    steps.append(("mmbench", mmbench, 180))
+    steps += [("mmbench", mmbench, 180),
+              ("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
+              # H200 2026-11-30: 167 s; a fine-tune's final checkpoint (~57 GB with the optimizer) is written each time
+              train("e2e_finetune_plain", "finetune", {}, 300),
+              # the recipe's peak per phase, against llavaflow.train.memory's figures
+              ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
+               + (["--micro-batch", "2"] if small else []), 180),
+              train("e2e_pretrain_plain", "pretrain", {}, 180)]
+    if small:  # the smoke run: each stage once, with every setting, is all the plumbing there is
+        steps = [step for step in steps if not step[0].endswith("_plain")]
     if not small:
-        steps += [train(f"e2e_finetune_{k}", "finetune", {k: v}, 240) for k, v in FAST.items()]
+        steps += [train(f"e2e_finetune_{k}", "finetune", {k: v}, 300) for k, v in FAST.items()]
         steps.append(train("e2e_finetune_offload", "finetune", {"offload_optimizer": "cpu"}, 300))
     return steps
 
@@ -134,7 +138,11 @@ def run_one(name: str, cmd: list[str], timeout: int, log: Path | None) -> list[d
         error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
-        output, _ = proc.communicate()
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # something outside its tree still holds the pipe
+            proc.stdout.close()
+            output = ""
         error = f"timed out after {timeout} s"
     seconds = round(time.perf_counter() - t0, 1)
     if log:
@@ -183,16 +191,24 @@ def main() -> int:
     except Exception as e:  # the rest still runs
         emit({"measurement": "env", "error": f"{type(e).__name__}: {e}"})
     failed = 0
-    for name, cmd, timeout in plan(args.small, args.work):
+    steps = plan(args.small, args.work)
+    unknown = sorted(set(args.only or ()) - {name for name, _, _ in steps})
+    if unknown:  # a typo would spend a device call on nothing
+        p.error(f"--only: no measurement named {', '.join(unknown)} (there are: {', '.join(n for n, _, _ in steps)})")
+    for name, cmd, timeout in steps:
         if args.only and name not in args.only:
             continue
         left = args.budget_s - (time.perf_counter() - t0)
-        if left < 20:
-            emit({"measurement": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+        timeout = timeout * args.timeout_scale
+        if left < timeout / 2:  # it would most likely be cut off: leave the time to a shorter one
+            emit({"measurement": name, "skipped": f"{left:.0f} s of the {args.budget_s:.0f} s budget left, "
+                                                  f"it may take {timeout:.0f} s"})
             continue
-        for line in run_one(name, cmd, int(min(timeout * args.timeout_scale, left)), log):
+        for line in run_one(name, cmd, int(min(timeout, left)), log):
             failed += "error" in line
             emit(line)
+        # a run killed by its timeout leaves its folder (a fine-tune's ~57 GB checkpoint) to fill the disk
+        shutil.rmtree(args.work / name, ignore_errors=True)
     emit({"measurement": "total", "seconds": round(time.perf_counter() - t0, 1), "failed": failed})
     return 1 if failed else 0
 

@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1  # no internet there: a hub lookup would only wait for its timeout
 if [[ -d bench/wheels ]]; then
     offline=(--quiet --no-index --find-links bench/wheels)
     "$py" -m pip install "${offline[@]}" -r bench/requirements-gpu.txt deepspeed==0.19.8 \

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 from common import build_model
 
@@ -63,7 +63,9 @@ def main():
     model, device, dtype = build_model(args.small, tiny=args.tiny)
     model.eval()
     model.llm.generation_config.eos_token_id = None
-    transform = ImageTransform(CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+    # the pipeline's preprocessing (PIL, as xtuner's): CLIPImageProcessor would resize with torchvision where it
+    # is installed, as on the GPU image, and time another path
+    transform = ImageTransform(CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
                                pad_to_square=True)
     timed(model, transform, min(args.batch, 8), min(args.batch, 8), 2, args.prompt_tokens)  # warm-up
     fast = timed(model, transform, args.rows, args.batch, 2, args.prompt_tokens)
