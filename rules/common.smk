@@ -1,4 +1,5 @@
 # Shared helpers: config validation, recipes, code hashes, launchers. No rules here.
+import functools
 import itertools
 import json
 import os
@@ -123,38 +124,47 @@ def _attempt(wildcards, attempt):
     return attempt
 
 
+@functools.cache
 def _visible_gpus():
-    """The GPUs jobs on this machine see: CUDA_VISIBLE_DEVICES where set, else nvidia-smi's list."""
+    """The GPUs jobs on this machine see: CUDA_VISIBLE_DEVICES where set, else nvidia-smi's list (none if it fails)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return len([d for d in listed.split(",") if d.strip() not in ("", "-1")])
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return 0
-    proc = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
     return sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 else 0
 
 
-# snakemake.md §12: a local run (no --jobs limit, which remote executors need) without a `gpu` limit gets one,
-# the machine's GPU count, so GPU jobs cannot all start at once. Internal attributes, hence the guard.
-try:
-    LOCAL_RUN = workflow.nodes is None
-    if LOCAL_RUN and "gpu" not in workflow.global_resources and (_gpus := _visible_gpus()):
-        workflow.register_resource("gpu", _gpus)
-except (AttributeError, KeyError):
-    LOCAL_RUN = False
+def _local_execution():
+    """Whether jobs run on this machine: the executor's name once jobs run. A dry run stands for the executor it
+    was asked for, and Snakemake's API (api.py, execute_workflow) sets use_threads for every remote one."""
+    name = getattr(workflow.executor_plugin, "name", None)
+    return not workflow.use_threads if name in (None, "dryrun", "touch") else name == "local"
 
 
 def gpu_request(n):
     """A GPU job's `gpu`. In a local run it claims the run's whole GPU limit (a larger request is scaled down to
     it): Snakemake assigns no devices and torchrun puts rank i on cuda:i, so two GPU jobs side by side would both
-    use cuda:0. One evaluation at a time on all GPUs: set mmbench.gpus to shard its rows over them."""
-    if not LOCAL_RUN:
-        return n
+    use cuda:0. One evaluation at a time on all GPUs: set mmbench.gpus to shard its rows over them. A local run
+    with no `gpu` limit gets one, the GPUs it sees (snakemake.md §12; `register_resource` is internal, hence
+    the guard). On SLURM, the job's own count."""
 
     def request(wildcards):
-        limit = workflow.global_resources.get("gpu")
-        return max(n, getattr(limit, "value", limit) or 0)
+        try:
+            if not _local_execution():
+                return n
+            limit = getattr(workflow.global_resources.get("gpu"), "value", workflow.global_resources.get("gpu"))
+            if limit is None and _visible_gpus():
+                limit = _visible_gpus()
+                workflow.register_resource("gpu", limit)
+        except AttributeError:
+            return n
+        return max(n, limit or 0)
 
     return request
 

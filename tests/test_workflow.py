@@ -89,9 +89,10 @@ def test_local_gpu_jobs_run_one_at_a_time_on_all_gpus(tmp_path):
     """Snakemake assigns no devices and torchrun puts rank i on cuda:i: GPU jobs side by side would share cuda:0.
     Locally each claims the run's whole gpu limit: the profile's, or (a bare run) the GPUs it sees. On SLURM
     each asks for its own count."""
-    out = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "local"))
-    assert {r: job_resources(out, r)["gpu"] for r in ("finetune", "mmbench_eval", "mmbench_predict")} == \
-        {"finetune": "8", "mmbench_eval": "8", "mmbench_predict": "8"}
+    for jobs in ([], ["--jobs", "4"]):  # --jobs beside the profile's cores: still local
+        out = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "local"), *jobs)
+        assert {r: job_resources(out, r)["gpu"] for r in ("finetune", "mmbench_eval", "mmbench_predict")} == \
+            {"finetune": "8", "mmbench_eval": "8", "mmbench_predict": "8"}
     proc = run(SNAKEMAKE + ["all", "-n", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--directory",
                             str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")],
                env={"CUDA_VISIBLE_DEVICES": "0,1"})
@@ -233,6 +234,9 @@ NOT_RESULT_CODE = {"atomic.py", "identity.py", "train/tracking.py"}
     ("EVAL_CODE", ["llavaflow.eval.mmbench", "llavaflow.eval.predict", "llavaflow.model.loading"]),
     ("CONVERT_CODE", ["llavaflow.convert.exports", "llavaflow.convert.pth_to_hf", "llavaflow.convert.phi3_llama",
                       "llavaflow.convert.gguf"]),
+    ("CHECK_CODE", ["llavaflow.data.check"]),
+    ("ASSETS_CODE", ["llavaflow.tiny"]),
+    ("REPORT_CODE", ["llavaflow.report", "llavaflow.eval.score"]),
 ])
 def test_each_stage_hashes_the_modules_it_imports(stage, entry_modules):
     """A module a stage imports is part of its code hash (an edit reruns the stage), unless it shapes no result."""
@@ -246,6 +250,8 @@ def test_each_stage_hashes_the_modules_it_imports(stage, entry_modules):
     parts = getattr(identity, stage)
     covered = {p for p in imported if any(p == part or p.startswith(part + "/") for part in parts)}
     assert imported - covered - NOT_RESULT_CODE == set()
+    rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
+    assert f"code_hash(*identity.{stage})" in rules or f"{stage} = code_hash(*identity.{stage})" in rules
     assert (identity.PACKAGE / "train" / "tracking.py").is_file()  # the exemptions name real files
 
 
