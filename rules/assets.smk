@@ -12,7 +12,7 @@ if TINY:
         params:
             seed=0,
             datasets=config["mmbench"]["datasets"],
-            code=code_hash("tiny.py", "eval/prompt.py", "constants.py"),
+            code=code_hash(*identity.ASSETS_CODE),
         threads: 1
         resources:
             mem_mb=2000,

@@ -40,7 +40,7 @@ if not TINY:
         params:
             sources=check_sources,
             on_bad=config["data"]["on_bad_sample"],
-            code=code_hash("data/check.py", "data/dataset.py"),
+            code=code_hash(*identity.CHECK_CODE),
         threads: 8
         resources:
             mem_mb=8000,

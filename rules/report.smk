@@ -21,7 +21,7 @@ rule report:
     benchmark:
         "results/benchmarks/report.tsv"
     params:
-        code=code_hash("report.py", "eval/score.py"),
+        code=code_hash(*identity.REPORT_CODE),
     localrule: True
     threads: 1
     resources:

@@ -18,6 +18,9 @@ TRAIN_CODE = ("train/loop.py", "train/recipe.py", "train/schedule.py", "train/re
               "train/metrics.py", "train/flops.py", "model", "data", "template.py", "constants.py", "distributed.py")
 CONVERT_CODE = ("convert", "model", "template.py", "constants.py")
 EVAL_CODE = ("eval", "model", "data", "template.py", "constants.py", "distributed.py")
+CHECK_CODE = ("data", "template.py", "constants.py")  # the data check reads and decodes as training does
+ASSETS_CODE = ("tiny.py", "eval/prompt.py", "constants.py")
+REPORT_CODE = ("report.py", "eval/score.py")
 
 
 def code_hash(*parts: str) -> str:
