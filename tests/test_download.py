@@ -176,6 +176,11 @@ def test_an_archive_that_does_not_extract_is_fetched_again(server, tmp_path):
     server.files["/h.zip"] = good
     assert download([entry], tmp_path) == ["downloaded, extracted: h.zip"]
     assert (tmp_path / "a.txt").read_bytes() == b"A" * 5000
+    # the same broken bytes under a checksum they match: fetching again would not help, so the file stays
+    server.files["/i.zip"] = good[: len(good) // 2]
+    with pytest.raises(DownloadError, match=r"i.zip: cannot extract .*though it matches its md5.*kept in place"):
+        download([Entry(dest="i.zip", url=server.url + "/i.zip", extract=True, md5=md5(good[: len(good) // 2]))], tmp_path)
+    assert (tmp_path / "i.zip").is_file() and not (tmp_path / "i.zip.bad").exists()
 
 
 def test_hub_files_are_checked_and_extracted_where_the_entry_says(server, tmp_path):
@@ -282,18 +287,23 @@ def test_data_check_reports_missing_broken_and_truncated_images(tmp_path):
         img.verify()  # what the check used before: no error
     ann = tmp_path / "a.jsonl"
     conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    two_images = conv + [{"from": "human", "value": "<image>\nAgain?"}, {"from": "gpt", "value": "y"}]
     ann.write_text("\n".join(json.dumps({"id": i, "image": f"imgs/{n}", "conversations": conv})
-                             for i, n in enumerate(["ok.png", "broken.png", "gone.png", "cut.jpg"])) + "\n")
+                             for i, n in enumerate(["ok.png", "broken.png", "gone.png", "cut.jpg"]))
+                   + "\n" + json.dumps({"id": 4, "image": "imgs/ok.png", "conversations": two_images}) + "\n")
     src = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
     report, kept = tmp_path / "report.tsv", tmp_path / "report.failed.tsv"
-    with pytest.raises(DataError, match=f"3 referenced images are missing or unreadable, .*the list is in {kept}"):
+    with pytest.raises(DataError, match=f"4 samples have a missing or unreadable image or a malformed conversation, "
+                                        f"e.g. {ann}:2 .*broken.png .*the list is in {kept}"):
         check_data(src, report)
     lines = kept.read_text().splitlines()
-    assert not report.exists() and len(lines) == 4
+    assert not report.exists() and len(lines) == 5
     assert "broken.png\tunreadable" in lines[1] and "gone.png\tmissing" in lines[2]
     assert "cut.jpg\tunreadable (not a readable image (image file is truncated" in lines[3]
+    assert lines[4].endswith("ok.png\tmalformed conversation (2 <image> placeholders in one conversation; a sample "
+                             "holds one image)")  # what training's dataset refuses, found before it starts
     counts = check_data(src, report, on_bad_sample="skip")
-    assert counts[str(ann)] == {"samples": 4, "with_image": 4, "bad_images": 3, "malformed": 0}
+    assert counts[str(ann)] == {"samples": 5, "with_image": 5, "bad_images": 3, "malformed": 1}
     assert report.read_text().splitlines() == lines and not kept.exists()
 
 

@@ -109,13 +109,14 @@ def fetch_url(url: str, dest: Path, entry: Entry, session: requests.Session, ret
             with session.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
                 if r.status_code == 416:
                     size = _full_size(r)
-                    if size != have:  # a stale or overlong part: start again from nothing
-                        log.info("%s: the part file holds %d bytes, the server has %s; starting %s again",
-                                 url, have, size, dest.name)
-                        part.unlink()
-                        validator.unlink(missing_ok=True)
-                        continue
-                    break  # the part file already holds every byte
+                    # the part file holds every byte when the server says so, or (no size given) its checksum does
+                    if size == have or (size is None and have and _checksum(entry) and verified(part, entry)):
+                        break
+                    log.info("%s: the part file holds %d bytes, the server has %s; starting %s again",
+                             url, have, size, dest.name)
+                    part.unlink(missing_ok=True)
+                    validator.unlink(missing_ok=True)
+                    continue
                 if r.status_code >= 400:
                     if r.status_code < 500 or attempt >= retries:
                         raise DownloadError(f"HTTP {r.status_code} for {url}")
@@ -264,13 +265,17 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
 
 def _extract(archive: Path, root: Path, entry: Entry) -> None:
     """Extract into extract_to (or beside the archive). A file that is no readable archive is moved aside, so
-    a retry fetches it again instead of failing on the same bytes for ever."""
+    a retry fetches it again instead of failing on the same bytes for ever; unless it matches its checksum,
+    when fetching it again would bring the same bytes."""
     target = root / entry.extract_to if entry.extract_to else archive.parent
     try:
         safe_extract(archive, target)
     # corrupt-data errors only: a full disk (OSError) must not throw away a good 19 GB archive
     except (NotAnArchive, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
             lzma.LZMAError) as e:
+        if _checksum(entry):
+            raise DownloadError(f"{archive}: cannot extract ({e}), though it matches its {_checksum(entry)[0]}: "
+                                "the published file itself is broken or not a zip/tar archive; kept in place") from None
         bad = archive.with_name(archive.name + ".bad")
         os.replace(archive, bad)
         raise DownloadError(f"{archive}: cannot extract ({e}); moved aside as {bad}, so the next run fetches "

@@ -1,4 +1,5 @@
-"""The data check after a download: count samples, verify every referenced image exists and decodes."""
+"""The data check after a download: count samples, verify every referenced image exists and decodes and every
+conversation is one training can use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..atomic import atomic_output
+from ..constants import DEFAULT_IMAGE_TOKEN
+from .conversation import ConversationError, llava_turns
 from .dataset import DataError, read_annotations
 from .images import ImageError, open_image
 
@@ -22,6 +25,19 @@ def _problem(path: Path) -> str | None:
         open_image(path)
     except ImageError as e:
         return f"unreadable ({str(e).removeprefix(f'{path}: ')})"
+    except Exception as e:  # whatever else one bad file raises: listed, never the end of the whole check
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _conversation_problem(record) -> str | None:
+    """What training's dataset would refuse in the conversation itself (it needs no tokenizer to tell)."""
+    try:
+        turns = llava_turns(record.conversations)
+        if record.image is None and any(DEFAULT_IMAGE_TOKEN in t.input for t in turns):
+            raise ConversationError(f"{DEFAULT_IMAGE_TOKEN} in a sample without an image")
+    except ConversationError as e:
+        return f"malformed conversation ({e})"
     return None
 
 
@@ -42,15 +58,18 @@ def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "er
             problems = list(pool.map(lambda r: _problem(folder / r.image), with_image))
         bad = [(r, p) for r, p in zip(with_image, problems) if p]
         rows += [f"{r.source}\t{r.line}\t{r.id}\t{folder / r.image}\t{p}" for r, p in bad]
+        conversations = [(r, p) for r in records if (p := _conversation_problem(r))]
+        rows += [f"{r.source}\t{r.line}\t{r.id}\t{folder / r.image if r.image else ''}\t{p}" for r, p in conversations]
         counts[src["annotation"]] = {"samples": len(records), "with_image": len(with_image), "bad_images": len(bad),
-                                     "malformed": malformed}
+                                     "malformed": malformed + len(conversations)}
         log.info("%s: %d samples, %d with an image, %d bad images", src["annotation"], len(records), len(with_image), len(bad))
     failing = bool(rows) and on_bad_sample != "skip"
     with atomic_output(failed_report(report) if failing else report, folder=False, overwrite=True) as tmp:
         tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
     if failing:
-        raise DataError(f"{len(rows)} referenced images are missing or unreadable, e.g. {rows[0].split(chr(9))[3]} "
-                        f"({rows[0].split(chr(9))[4]}); the list is in {failed_report(report)}. Fix the data or "
-                        "set data.on_bad_sample: skip to train without them")
+        where, image, problem = rows[0].split("\t")[0:2], rows[0].split("\t")[3], rows[0].split("\t")[4]
+        raise DataError(f"{len(rows)} samples have a missing or unreadable image or a malformed conversation, e.g. "
+                        f"{':'.join(where)} {image} ({problem}); the list is in {failed_report(report)}. Fix the data "
+                        "or set data.on_bad_sample: skip to train without them")
     failed_report(report).unlink(missing_ok=True)  # ours, from an earlier failed check
     return counts

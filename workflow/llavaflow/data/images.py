@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 
 class ImageError(ValueError):
@@ -61,8 +61,8 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             size = str(e).split(", could")[0]
             raise ImageError(f"{name}: refused as a possible decompression bomb ({size}); "
                              "resize the image or leave it out") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{name}: not a readable image ({e})") from e
+        except Exception as e:  # PIL's decoders raise many types (struct.error, IndexError, ...) on bad bytes
+            raise ImageError(f"{name}: not a readable image ({e or type(e).__name__})") from e
         img = upright(img, name)
     return to_rgb(img, name)
 
@@ -71,7 +71,7 @@ def upright(img: Image.Image, name: str) -> Image.Image:
     """Apply the EXIF orientation tag (rotate/flip as a viewer shows it), as transformers' load_image does."""
     try:
         return ImageOps.exif_transpose(img)
-    except (ValueError, OSError, SyntaxError) as e:  # a malformed EXIF block
+    except Exception as e:  # a malformed EXIF block (ValueError, struct.error, KeyError, ...)
         raise ImageError(f"{name}: unreadable EXIF orientation ({e})") from e
 
 
