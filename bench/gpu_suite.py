@@ -84,18 +84,18 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
     fast = {k: v for k, v in FAST.items() if not (small and k == "compile")}
     # Most important first, as one call (15 minutes of device time in all) may be all a session gets: the issue's
     # goals (fine-tune and pretrain MFU with the speed settings, MMBench time), then the checks behind them.
-    steps = [train("e2e_finetune_all", "finetune", fast, 300),  # H200 2026-11-30: 229 s (assets built, compile)
-             train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 240)]
     mmbench = py + [str(BENCH / "mmbench_speed.py")] + (["--tiny", "--rows", "16", "--batch", "8", "--subset", "4"]
                                                          if small else ["--subset", "64"])
-    steps += [("mmbench", mmbench, 180),
-              ("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
-              # H200 2026-11-30: 167 s; a fine-tune's final checkpoint (~57 GB with the optimizer) is written each time
-              train("e2e_finetune_plain", "finetune", {}, 300),
-              # the recipe's peak per phase, against llavaflow.train.memory's figures
-              ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
-               + (["--micro-batch", "2"] if small else []), 180),
-              train("e2e_pretrain_plain", "pretrain", {}, 180)]
+    steps = [train("e2e_finetune_all", "finetune", fast, 300),  # H200 2026-11-30: 229 s (assets built, compile)
+             ("mmbench", mmbench, 180),
+             train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 240),
+             ("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
+             # H200 2026-11-30: 167 s; a fine-tune's final checkpoint (~57 GB with the optimizer) is written each time
+             train("e2e_finetune_plain", "finetune", {}, 300),
+             # the recipe's peak per phase, against llavaflow.train.memory's figures
+             ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
+              + (["--micro-batch", "2"] if small else []), 180),
+             train("e2e_pretrain_plain", "pretrain", {}, 180)]
     if small:  # the smoke run: each stage once, with every setting, is all the plumbing there is
         steps = [step for step in steps if not step[0].endswith("_plain")]
     if not small:

@@ -45,7 +45,7 @@ def test_gpu_suite_smoke_runs_every_measurement_on_cpu(tmp_path):
     assert lines == [json.loads(line) for line in proc.stdout.splitlines()]
     by_name = {line["measurement"]: line for line in lines}
     # the goals first: one call may be all a session gets
-    assert list(by_name) == ["env", "e2e_finetune_all", "e2e_pretrain_all", "mmbench", "packed_loss", "memory_finetune",
+    assert list(by_name) == ["env", "e2e_finetune_all", "mmbench", "e2e_pretrain_all", "packed_loss", "memory_finetune",
                              "total"]
     assert not [line for line in lines if "error" in line] and by_name["total"]["failed"] == 0
     assert by_name["env"]["torch"] and by_name["env"]["deepspeed"] and by_name["env"]["device"] == "cpu"
