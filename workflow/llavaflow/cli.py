@@ -159,25 +159,17 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_to_gguf)
 
 
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def cmd_mmbench(args) -> None:
     from .distributed import init_distributed
     from .eval.mmbench import evaluate
     from .identity import path_fingerprint
-    from .model.loading import load_xtuner_for_inference
+    from .model.loading import inference_dtype, load_xtuner_for_inference
 
     folder = args.llava or args.model_name_or_path
     layer = args.visual_select_layer  # None: the layer the folder's projector/config.json records
     _, _, device = init_distributed()
     device = str(device)
-    model, tokenizer, transform = load_xtuner_for_inference(folder, _dtype(args.torch_dtype, device),
+    model, tokenizer, transform = load_xtuner_for_inference(folder, inference_dtype(args.torch_dtype, device),
                                                             args.visual_encoder, layer, device)
     # An overridden layer or visual encoder is another model: its predictions must not be reused from the cache.
     model_id = path_fingerprint(folder) + ("" if layer is None else f":select_layer={layer}")
@@ -192,11 +184,12 @@ def cmd_chat(args) -> int:
 
     from .chat import Session, fetch_image, generation_kwargs, interactive, load_backend
     from .data.images import ImageError
+    from .model.loading import inference_dtype
     from .template import get_template
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = load_backend(args.llava or args.model_name_or_path, _dtype(args.torch_dtype, device), device,
+    backend = load_backend(args.llava or args.model_name_or_path, inference_dtype(args.torch_dtype, device), device,
                            args.visual_encoder, args.visual_select_layer)
     template = get_template(args.prompt_template)
     if args.stop_words:

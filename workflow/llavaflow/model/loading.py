@@ -24,6 +24,14 @@ class FolderError(ValueError):
 SELECT_FEATURES = ("patch",)  # LlavaModel.encode_images drops CLS, as xtuner and LLaVA-1.5 do
 
 
+def inference_dtype(name: str, device: str) -> torch.dtype:
+    """`--torch-dtype` (mmbench.torch_dtype): auto is bf16 on a GPU (training's dtype), fp32 on a CPU. Here, in
+    the evaluation's hashed code, so that changing it reruns the evaluations."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def read_projector_config(folder: str | Path) -> ProjectorConfig:
     """projector/config.json as data (its configuration_projector.py is not run), with the shape facts
     checked. A folder written by xtuner records no select layer: xtuner's default (-2) applies."""
