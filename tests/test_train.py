@@ -117,6 +117,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny, subset, tmp_path):
 
     resumed = torchrun(1, rec, work, out)
     assert "resuming at iteration" in resumed.stdout + resumed.stderr
+    # the samples rank 0 tokenised and saved in the work dir: mapped again, not tokenised again
+    assert f"samples tokenised by an earlier attempt, from {work / 'dataset'}" in resumed.stdout
     ref, got = load_state_dict(tmp_path / "ref"), load_state_dict(out)
     # Tolerance: float rounding only (measured max |diff| 1.2e-6 after 96 iterations, fp32 on CPU);
     # a resume from the wrong position or without the optimizer state moves weights by ~1e-3.
@@ -185,8 +187,11 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     bad.write_text('{"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n'
                    '{"id": 2, "conversations": [\n')
     rec = recipe(tiny, datasets=[{"annotation": str(bad), "image_folder": str(tmp_path)}])
-    proc = torchrun(1, rec, tmp_path / "w", tmp_path / "o", check=False)
-    assert proc.returncode != 0 and f"{bad}:2: malformed JSON line" in proc.stdout + proc.stderr
+    # two ranks: rank 0 tokenises for both, and the other stops with it instead of waiting for it
+    proc = torchrun(2, rec, tmp_path / "w", tmp_path / "o", check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"{bad}:2: malformed JSON line" in out
+    assert "rank 0 could not tokenise the samples" in out and not (tmp_path / "w" / "dataset").exists()
 
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"id": "s7", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>"}, '

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from ..atomic import atomic_output
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..template import PromptTemplate
 from .conversation import ConversationError, encode_turns, llava_turns
@@ -120,18 +121,10 @@ class LlavaDataset(Dataset):
         max_length: int,
         on_bad_sample: str = "error",
     ):
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        self.transform = transform
-        self.on_bad_sample = on_bad_sample
-        self.skipped = {"malformed": 0, "missing_image": 0, "no_label": 0}
+        self._setup(transform, on_bad_sample)
         ids, labels, offsets = array("i"), array("i"), array("q", [0])
         self._images: list[str | None] = []  # image path per sample
         self._where: list[str] = []  # what errors call each sample
-        # Images found unreadable only when loaded (in DataLoader worker processes) are replaced by the next
-        # sample; each worker counts into its own slot of a shared-memory tensor, so the main process sees
-        # the total without any extra channel through the batches.
-        self._replaced = torch.zeros(_COUNTER_SLOTS, dtype=torch.long).share_memory_()
         for src in sources:
             records, bad = read_annotations(src["annotation"], on_bad_sample)
             self.skipped["malformed"] += bad
@@ -151,6 +144,42 @@ class LlavaDataset(Dataset):
         self._offsets = np.frombuffer(offsets, dtype=np.int64)
         if any(self.skipped.values()):
             log.warning("skipped samples: %s", self.skipped)
+
+    def _setup(self, transform: ImageTransform, on_bad_sample: str) -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.transform = transform
+        self.on_bad_sample = on_bad_sample
+        self.skipped = {"malformed": 0, "missing_image": 0, "no_label": 0}
+        # Images found unreadable only when loaded (in DataLoader worker processes) are replaced by the next
+        # sample; each worker counts into its own slot of a shared-memory tensor, so the main process sees
+        # the total without any extra channel through the batches.
+        self._replaced = torch.zeros(_COUNTER_SLOTS, dtype=torch.long).share_memory_()
+
+    ARRAYS = ("_ids", "_labels", "_offsets")
+
+    def save(self, folder: str | Path) -> None:
+        """The tokenised samples as .npy arrays and a JSON list, published atomically: `load` memory-maps them, so
+        the ranks of a node share one copy and a resumed run skips tokenising (minutes for a million samples)."""
+        with atomic_output(folder) as tmp:
+            for name in self.ARRAYS:
+                np.save(tmp / f"{name[1:]}.npy", getattr(self, name))
+            (tmp / "samples.json").write_text(json.dumps({"images": self._images, "where": self._where,
+                                                          "skipped": self.skipped}))
+
+    @classmethod
+    def load(cls, folder: str | Path, transform: ImageTransform, on_bad_sample: str = "error") -> "LlavaDataset":
+        """The samples `save` wrote (plain arrays and JSON: nothing is unpickled)."""
+        folder = Path(folder)
+        self = cls.__new__(cls)
+        self._setup(transform, on_bad_sample)
+        for name in self.ARRAYS:
+            setattr(self, name, np.load(folder / f"{name[1:]}.npy", mmap_mode="r", allow_pickle=False))
+        samples = json.loads((folder / "samples.json").read_text())
+        self._images, self._where, self.skipped = samples["images"], samples["where"], samples["skipped"]
+        if len(self._offsets) != len(self._images) + 1 or self._offsets[-1] != len(self._ids):
+            raise DataError(f"{folder}: the saved samples do not match their arrays; remove the folder to tokenise again")
+        return self
 
     def _prepare(self, rec: Record, folder: Path, tokenizer, template, max_length) -> Sample | None:
         image_path = None
@@ -186,9 +215,10 @@ class LlavaDataset(Dataset):
         return len(self), zlib.crc32(has_image.tobytes(), zlib.crc32(self._offsets.tobytes()))
 
     def check_same_on_every_rank(self) -> None:
-        """Ranks build their datasets on their own; with on_bad_sample: skip, a file that changed or could not
-        be read on one node while they read would give ranks different samples, and so other iteration counts
-        and a hang in the last collective. Fail at the start instead, naming what each rank built."""
+        """Ranks that hold different samples would run other iteration counts and hang in the last collective.
+        Training's ranks map the one copy rank 0 saved, so this guards against a work dir that is not the same
+        folder on every node (a copy, a stale mount); any caller whose ranks build their own datasets gets the
+        same guard. Fail at the start instead, naming what each rank holds."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         seen = [None] * torch.distributed.get_world_size()

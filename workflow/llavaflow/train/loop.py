@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..data.collate import collate
-from ..data.dataset import LlavaDataset
+from ..data.dataset import DataError, LlavaDataset
 from ..data.images import ImageTransform
 from ..data.sampler import LengthGroupedSampler, ShuffleSampler
 from ..distributed import init_distributed
@@ -114,6 +114,33 @@ def build_dataset(recipe: Recipe, tokenizer) -> LlavaDataset:
     transform = ImageTransform.from_folder(recipe.visual_encoder, recipe.pad_image_to_square)
     return LlavaDataset(recipe.datasets, tokenizer, get_template(recipe.prompt_template), transform,
                         recipe.max_length, recipe.on_bad_sample)
+
+
+def shared_dataset(recipe: Recipe, tokenizer, work_dir: Path, rank: int) -> LlavaDataset:
+    """Rank 0 tokenises (as xtuner's rank 0 does) and saves the samples in the work dir; every rank then maps that
+    one copy. The work dir belongs to this recipe, code and these inputs (its fingerprint), so a resumed attempt
+    reuses the samples, and the same samples in the same order as the attempt it resumes."""
+    saved = work_dir / "dataset"
+    failure = None
+    if rank == 0:
+        try:
+            if saved.is_dir():
+                print(f"{recipe.stage}: samples tokenised by an earlier attempt, from {saved}", flush=True)
+            else:
+                build_dataset(recipe, tokenizer).save(saved)
+        except Exception as e:  # bad data: every rank stops with it, none waits for a rank 0 that is gone
+            failure = e
+    outcome = [None if failure is None else str(failure)]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise DataError(f"rank 0 could not tokenise the samples: {outcome[0]}")
+    if not saved.is_dir():
+        raise DataError(f"{saved} (written by rank 0) is not visible here: the work dir must be on a file system "
+                        "that every node shares")
+    transform = ImageTransform.from_folder(recipe.visual_encoder, recipe.pad_image_to_square)
+    return LlavaDataset.load(saved, transform, recipe.on_bad_sample)
 
 
 def build_sampler(recipe: Recipe, dataset: LlavaDataset, rank: int, world: int):
@@ -221,7 +248,7 @@ def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torc
     precision = _precision(recipe, device)
     _seed_all(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.llm, padding_side="right")
-    dataset = build_dataset(recipe, tokenizer)
+    dataset = shared_dataset(recipe, tokenizer, work_dir, rank)
     dataset.check_same_on_every_rank()
     sampler = build_sampler(recipe, dataset, rank, world)
     iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
