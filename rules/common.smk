@@ -147,23 +147,33 @@ def _local_execution():
     return not workflow.use_threads if name in (None, "dryrun", "touch") else name == "local"
 
 
+# snakemake.md §12: a local run without a `gpu` limit gets one, the GPUs it sees. It must exist before the
+# scheduler starts (which copies the limits), when only the missing --jobs limit tells a run local (remote
+# executors need one); a local run given --jobs and no limit stops at its first GPU job (gpu_request).
+# register_resource is internal, hence the guard.
+try:
+    if workflow.nodes is None and getattr(workflow.global_resources.get("gpu"), "value", None) is None \
+            and _visible_gpus():
+        workflow.register_resource("gpu", _visible_gpus())
+except AttributeError:
+    pass
+
+
 def gpu_request(n):
     """A GPU job's `gpu`. In a local run it claims the run's whole GPU limit (a larger request is scaled down to
     it): Snakemake assigns no devices and torchrun puts rank i on cuda:i, so two GPU jobs side by side would both
-    use cuda:0. One evaluation at a time on all GPUs: set mmbench.gpus to shard its rows over them. A local run
-    with no `gpu` limit gets one, the GPUs it sees (snakemake.md §12; `register_resource` is internal, hence
-    the guard). On SLURM, the job's own count."""
+    use cuda:0. One evaluation at a time on all GPUs: set mmbench.gpus to shard its rows over them. On SLURM,
+    the job's own count."""
 
     def request(wildcards):
-        try:
-            if not _local_execution():
-                return n
-            limit = getattr(workflow.global_resources.get("gpu"), "value", workflow.global_resources.get("gpu"))
-            if limit is None and _visible_gpus():
-                limit = _visible_gpus()
-                workflow.register_resource("gpu", limit)
-        except AttributeError:
+        if not _local_execution():
             return n
+        limit = workflow.global_resources.get("gpu")
+        limit = getattr(limit, "value", limit)
+        if limit is None and _visible_gpus():
+            raise ValueError(f"a local run given --jobs but no gpu limit, on a machine with {_visible_gpus()} GPUs: "
+                             f"its GPU jobs would run side by side on cuda:0; add --resources gpu={_visible_gpus()}, "
+                             "or use --cores (or --profile profiles/local)")
         return max(n, limit or 0)
 
     return request

@@ -293,7 +293,7 @@ def test_data_check_reports_missing_broken_and_truncated_images(tmp_path):
                    + "\n" + json.dumps({"id": 4, "image": "imgs/ok.png", "conversations": two_images}) + "\n")
     src = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
     report, kept = tmp_path / "report.tsv", tmp_path / "report.failed.tsv"
-    with pytest.raises(DataError, match=f"4 samples have a missing or unreadable image or a malformed conversation, "
+    with pytest.raises(DataError, match=f"4 problems \\(a missing or unreadable image, a malformed conversation\\), "
                                         f"e.g. {ann}:2 .*broken.png .*the list is in {kept}"):
         check_data(src, report)
     lines = kept.read_text().splitlines()

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,12 @@ def test_a_changed_recipe_or_input_starts_fresh(tiny, subset, tmp_path):
     proc = torchrun(1, dict(rec, lr=5e-4), tmp_path / "work", tmp_path / "out")
     assert "starting fresh" in proc.stdout + proc.stderr
     assert len(list(tmp_path.glob("work.stale-*"))) == 2
+    # the saved samples torn (a machine crash after the rename): tokenised again, not a failure on every retry
+    ids = tmp_path / "work" / "dataset" / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:100])
+    proc = torchrun(1, dict(rec, lr=5e-4), tmp_path / "work", tmp_path / "out")
+    assert f"{tmp_path / 'work' / 'dataset'} is unreadable (" in proc.stdout and "tokenising again" in proc.stdout
+    assert len(np.load(ids)) > 100
 
 
 def test_speed_settings_train_like_the_plain_run_and_may_change_on_resume(tiny, subset, tmp_path):

@@ -98,6 +98,10 @@ def test_local_gpu_jobs_run_one_at_a_time_on_all_gpus(tmp_path):
                env={"CUDA_VISIBLE_DEVICES": "0,1"})
     bare = proc.stdout + proc.stderr
     assert {r: job_resources(bare, r)["gpu"] for r in ("pretrain", "mmbench_eval")} == {"pretrain": "2", "mmbench_eval": "2"}
+    given_jobs = run(SNAKEMAKE + ["all", "-n", "--jobs", "4", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+                                  str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")],
+                     env={"CUDA_VISIBLE_DEVICES": "0,1"}, check=False)
+    assert "GPU jobs would run side by side on cuda:0; add --resources gpu=2" in given_jobs.stdout + given_jobs.stderr
     slurm = dry_run(tmp_path, "all", "config.yaml", "--profile", str(ROOT / "profiles" / "slurm"))
     assert {r: job_resources(slurm, r)["gpu"] for r in ("finetune", "mmbench_eval")} == {"finetune": "8", "mmbench_eval": "1"}
 

@@ -68,7 +68,7 @@ def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "er
         tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
     if failing:
         where, image, problem = rows[0].split("\t")[0:2], rows[0].split("\t")[3], rows[0].split("\t")[4]
-        raise DataError(f"{len(rows)} samples have a missing or unreadable image or a malformed conversation, e.g. "
+        raise DataError(f"{len(rows)} problems (a missing or unreadable image, a malformed conversation), e.g. "
                         f"{':'.join(where)} {image} ({problem}); the list is in {failed_report(report)}. Fix the data "
                         "or set data.on_bad_sample: skip to train without them")
     failed_report(report).unlink(missing_ok=True)  # ours, from an earlier failed check

@@ -158,10 +158,10 @@ class LlavaDataset(Dataset):
 
     ARRAYS = ("_ids", "_labels", "_offsets")
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> None:
         """The tokenised samples as .npy arrays and a JSON list, published atomically: `load` memory-maps them, so
         the ranks of a node share one copy and a resumed run skips tokenising (minutes for a million samples)."""
-        with atomic_output(folder) as tmp:
+        with atomic_output(folder, overwrite=overwrite) as tmp:
             for name in self.ARRAYS:
                 np.save(tmp / f"{name[1:]}.npy", getattr(self, name))
             (tmp / "samples.json").write_text(json.dumps({"images": self._images, "where": self._where,
@@ -225,7 +225,8 @@ class LlavaDataset(Dataset):
         torch.distributed.all_gather_object(seen, self.fingerprint())
         if len(set(seen)) > 1:
             raise DataError("the ranks built different datasets (samples, fingerprint per rank: "
-                            f"{seen}): a data file changed or was unreadable on some nodes while they read it")
+                            f"{seen}): the work dir is not the same folder on every node, or a data file changed "
+                            "while the ranks read it")
 
     @property
     def modality_lengths(self) -> list[int]:

@@ -8,6 +8,7 @@ all_reduce and .item() of each logged row.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import random
@@ -121,17 +122,26 @@ def shared_dataset(recipe: Recipe, tokenizer, work_dir: Path, rank: int) -> Llav
     one copy. The work dir belongs to this recipe, code and these inputs (its fingerprint), so a resumed attempt
     reuses the samples, and the same samples in the same order as the attempt it resumes."""
     saved = work_dir / "dataset"
+    transform = ImageTransform.from_folder(recipe.visual_encoder, recipe.pad_image_to_square)
     failure = None
     if rank == 0:
         try:
-            if saved.is_dir():
+            try:
+                LlavaDataset.load(saved, transform, recipe.on_bad_sample)
                 print(f"{recipe.stage}: samples tokenised by an earlier attempt, from {saved}", flush=True)
-            else:
+            except FileNotFoundError:
                 build_dataset(recipe, tokenizer).save(saved)
+            except (ValueError, OSError, KeyError) as e:  # torn by a crash of the machine: ours, made again
+                print(f"{recipe.stage}: {saved} is unreadable ({e}); tokenising again", flush=True)
+                build_dataset(recipe, tokenizer).save(saved, overwrite=True)
         except Exception as e:  # bad data: every rank stops with it, none waits for a rank 0 that is gone
             failure = e
+    # The others wait while rank 0 tokenises, a million samples and an is_file per image: longer than the
+    # 30-minute default of a collective on a slow file system, hence a CPU group of its own with hours.
+    waiting_room = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
     outcome = [None if failure is None else str(failure)]
-    torch.distributed.broadcast_object_list(outcome, src=0)
+    torch.distributed.broadcast_object_list(outcome, src=0, group=waiting_room)
+    torch.distributed.destroy_process_group(waiting_room)
     if failure is not None:
         raise failure
     if outcome[0] is not None:
@@ -139,7 +149,6 @@ def shared_dataset(recipe: Recipe, tokenizer, work_dir: Path, rank: int) -> Llav
     if not saved.is_dir():
         raise DataError(f"{saved} (written by rank 0) is not visible here: the work dir must be on a file system "
                         "that every node shares")
-    transform = ImageTransform.from_folder(recipe.visual_encoder, recipe.pad_image_to_square)
     return LlavaDataset.load(saved, transform, recipe.on_bad_sample)
 
 
