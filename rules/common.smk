@@ -144,7 +144,10 @@ def _local_execution():
     """Whether jobs run on this machine: the executor's name once jobs run. A dry run stands for the executor it
     was asked for, and Snakemake's API (api.py, execute_workflow) sets use_threads for every remote one."""
     name = getattr(workflow.executor_plugin, "name", None)
-    return not workflow.use_threads if name in (None, "dryrun", "touch") else name == "local"
+    if name not in (None, "dryrun", "touch"):
+        return name == "local"
+    # --d3dag, --summary, --lint: no execution at all, so no execution settings to tell by
+    return getattr(workflow, "execution_settings", None) is not None and not workflow.use_threads
 
 
 # snakemake.md §12: a local run without a `gpu` limit gets one, the GPUs it sees. It must exist before the
