@@ -6,7 +6,8 @@ onto old bytes), retries with backoff, and only a complete file whose checksum m
 place (a mismatching one is kept aside as <dest>.bad and never used). A file already in place with the
 right checksum is not fetched again. Hub files go through huggingface_hub, which honours HF_ENDPOINT
 mirrors and HF_TOKEN; they are checked and extracted like the others. An archive that does not extract
-is moved aside as <dest>.bad, so the next attempt fetches it again.
+is moved aside as <dest>.bad, so the next attempt fetches it again (unless it matches its checksum: fetching
+again would bring the same bytes).
 """
 
 from __future__ import annotations
