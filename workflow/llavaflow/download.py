@@ -147,17 +147,22 @@ def fetch_url(url: str, dest: Path, entry: Entry, session: requests.Session, ret
                 raise DownloadError(f"{url}: giving up after {retries} retries ({e})") from None
             log.warning("%s: %s; retry %d of %d", url, e, attempt, retries)
             time.sleep(backoff * 2 ** (attempt - 1))
-    check = _checksum(entry)
-    if check:
-        got = file_digest(part, check[0])
-        if got != check[1]:
-            bad = dest.with_name(dest.name + ".bad")
-            os.replace(part, bad)
-            validator.unlink(missing_ok=True)
-            raise DownloadError(f"{url}: {check[0]} mismatch for {dest}: expected {check[1]}, got {got} "
-                                f"(the file is kept aside as {bad} and not used)")
-    os.replace(part, dest)
     validator.unlink(missing_ok=True)
+    keep_aside_unless_verified(part, dest, entry, url)
+    os.replace(part, dest)
+
+
+def keep_aside_unless_verified(path: Path, dest: Path, entry: Entry, source: str) -> None:
+    """Where the entry's checksum does not match, move `path` aside as <dest>.bad (never used) and say so."""
+    check = _checksum(entry)
+    if check is None:
+        return
+    got = file_digest(path, check[0])
+    if got != check[1]:
+        bad = dest.with_name(dest.name + ".bad")
+        os.replace(path, bad)
+        raise DownloadError(f"{source}: {check[0]} mismatch for {dest}: expected {check[1]}, got {got} "
+                            f"(the file is kept aside as {bad} and not used)")
 
 
 def _full_size(response: requests.Response) -> int | None:
@@ -232,12 +237,8 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
     if entry.hub:
         dest = fetch_hub(entry, root)
         how = f"hub: {entry.hub['repo']} {entry.hub.get('path', '(snapshot)')}"
-        check = _checksum(entry)
-        if dest is not None and check and not verified(dest, entry):
-            bad = dest.with_name(dest.name + ".bad")
-            os.replace(dest, bad)
-            raise DownloadError(f"hub {entry.hub['repo']}/{entry.hub.get('path', '')}: {check[0]} mismatch for "
-                                f"{dest} (the file is kept aside as {bad} and not used)")
+        if dest is not None:
+            keep_aside_unless_verified(dest, dest, entry, f"hub {entry.hub['repo']}/{entry.hub.get('path', '')}")
         if entry.extract and dest is not None:
             _extract(dest, root, entry)
             how += ", extracted"

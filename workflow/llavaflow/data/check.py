@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..atomic import atomic_output
-from ..constants import DEFAULT_IMAGE_TOKEN
-from .conversation import ConversationError, llava_turns
+from .conversation import ConversationError, sample_turns
 from .dataset import DataError, read_annotations
 from .images import ImageError, open_image
 
@@ -33,9 +32,7 @@ def _problem(path: Path) -> str | None:
 def _conversation_problem(record) -> str | None:
     """What training's dataset would refuse in the conversation itself (it needs no tokenizer to tell)."""
     try:
-        turns = llava_turns(record.conversations)
-        if record.image is None and any(DEFAULT_IMAGE_TOKEN in t.input for t in turns):
-            raise ConversationError(f"{DEFAULT_IMAGE_TOKEN} in a sample without an image")
+        sample_turns(record.conversations, has_image=record.image is not None)
     except ConversationError as e:
         return f"malformed conversation ({e})"
     return None

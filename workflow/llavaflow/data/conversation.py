@@ -48,6 +48,14 @@ def llava_turns(conversations: list[dict]) -> list[Turn]:
     return turns
 
 
+def sample_turns(conversations: list, has_image: bool) -> list[Turn]:
+    """The turns of a training sample, refused (ConversationError) where training cannot use them."""
+    turns = llava_turns(conversations)
+    if not has_image and any(DEFAULT_IMAGE_TOKEN in t.input for t in turns):
+        raise ConversationError(f"{DEFAULT_IMAGE_TOKEN} in a sample without an image")
+    return turns
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 

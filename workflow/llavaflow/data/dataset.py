@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ..atomic import atomic_output
-from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..template import PromptTemplate
-from .conversation import ConversationError, encode_turns, llava_turns
+from .conversation import ConversationError, encode_turns, sample_turns
 from .images import ImageError, ImageTransform, open_image
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,7 @@ class LlavaDataset(Dataset):
             if not image_path.is_file():
                 return self._bad(rec, "missing_image", f"image {image_path} not found")
         try:
-            turns = llava_turns(rec.conversations)
-            if image_path is None and any(DEFAULT_IMAGE_TOKEN in t.input for t in turns):
-                raise ConversationError(f"{DEFAULT_IMAGE_TOKEN} in a sample without an image")
+            turns = sample_turns(rec.conversations, has_image=image_path is not None)
             input_ids, labels = encode_turns(turns, tokenizer, template, max_length)
         except ConversationError as e:
             return self._bad(rec, "malformed", str(e))
