@@ -162,6 +162,33 @@ def test_a_changed_recipe_or_input_starts_fresh(tiny, subset, tmp_path):
     assert len(np.load(ids)) > 100
 
 
+def test_images_found_after_a_run_that_skipped_them_start_fresh(tiny, subset, tmp_path):
+    """Under on_bad_sample: skip, a sample whose image is missing is left out. Images are not in the input
+    identity, so once the missing one is there (copied in after the data check, which then reruns the stage)
+    the work dir must not be resumed: its samples and checkpoints were made without it."""
+    folder = tmp_path / "images"
+    shutil.copytree(subset[0]["image_folder"], folder)
+    lines = Path(subset[0]["annotation"]).read_text().splitlines(keepends=True)[:12]
+    (tmp_path / "twelve.jsonl").write_text("".join(lines))
+    data = [{"annotation": str(tmp_path / "twelve.jsonl"), "image_folder": str(folder)}]
+    first = json.loads(lines[0])
+    image = folder / first["image"]
+    held_back = image.rename(tmp_path / "held-back.png")
+    rec = recipe(tiny, datasets=data, micro_batch_size=4, accumulative_counts=1, save_steps=1000,
+                 on_bad_sample="skip")
+    torchrun(1, rec, tmp_path / "work", tmp_path / "out")
+    saved = json.loads((tmp_path / "work" / "dataset" / "samples.json").read_text())
+    assert saved["missing_images"] == [str(image)] and saved["skipped"]["missing_image"] == 1
+    proc = torchrun(1, rec, tmp_path / "work", tmp_path / "out")  # nothing changed: the finished run is kept
+    assert "moved to" not in proc.stdout and not list(tmp_path.glob("work.stale-*"))
+    held_back.rename(image)
+    proc = torchrun(1, rec, tmp_path / "work", tmp_path / "out")
+    assert (f"work dir {tmp_path / 'work'} was trained without 1 image(s) that were missing then and exist now "
+            f"(first: {image}); moved to") in proc.stdout, proc.stdout[-2000:]
+    assert len(list(tmp_path.glob("work.stale-*"))) == 1
+    saved = json.loads((tmp_path / "work" / "dataset" / "samples.json").read_text())
+    assert saved["missing_images"] == [] and len(saved["images"]) == 12
+
 def test_speed_settings_train_like_the_plain_run_and_may_change_on_resume(tiny, subset, tmp_path):
     """Packing, fused loss, selective checkpointing and fused AdamW on 2 ranks follow the plain run's loss
     curve; they are not part of the run's identity, so a run resumes across a change of them."""
@@ -283,23 +310,74 @@ def test_metrics_reader_names_a_malformed_row(tmp_path):
     assert path.read_text() == '{"iter": 1, "loss": 2.0}\n'
 
 
-@pytest.mark.parametrize("flock", ["works", "ENOSYS"])
-def test_work_dir_lock_is_exclusive_even_without_flock(tmp_path, monkeypatch, flock):
+def _without_flock(monkeypatch) -> None:
+    """As on Lustre mounted without -o flock."""
     import errno
     import fcntl
 
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+
+
+@pytest.mark.parametrize("flock", ["works", "ENOSYS"])
+def test_work_dir_lock_is_exclusive_even_without_flock(tmp_path, monkeypatch, flock):
     from llavaflow.train.resume_state import WorkDirLock
 
-    if flock == "ENOSYS":  # as on Lustre mounted without -o flock: filelock falls back to a pid/host marker
-        def no_flock(*args):
-            raise OSError(errno.ENOSYS, "Function not implemented")
-        monkeypatch.setattr(fcntl, "flock", no_flock)
-    with WorkDirLock(tmp_path / "work"):
+    if flock == "ENOSYS":
+        _without_flock(monkeypatch)
+    with WorkDirLock(tmp_path / "work", lease_s=1.0):
         with pytest.raises(RuntimeError, match="is locked: another job is training into this work dir"):
-            with WorkDirLock(tmp_path / "work"):
+            with WorkDirLock(tmp_path / "work", lease_s=1.0):
                 pass
-    with WorkDirLock(tmp_path / "work"):  # released on exit
+    with WorkDirLock(tmp_path / "work", lease_s=1.0):  # released on exit
         pass
+    if flock == "ENOSYS":  # asking whether flock works created no lock file that a lease could be taken for
+        assert not (tmp_path / "work.lock").exists()
+
+
+HOLD_THE_LOCK = """
+import errno, fcntl, sys, time
+from pathlib import Path
+
+def no_flock(*args):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+fcntl.flock = no_flock  # as on Lustre mounted without -o flock
+from llavaflow.train.resume_state import WorkDirLock
+
+with WorkDirLock(Path(sys.argv[1]), lease_s=2.0):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_lease_held_by_a_dead_job_on_another_node_is_taken_over(tmp_path, monkeypatch):
+    """Without flock, a job killed on one node (a SLURM TIMEOUT) leaves its marker; the retry runs on another
+    node, where the marker's pid means nothing. A live holder renews its lease and keeps the lock; a dead one's
+    lease is taken over once it has stayed unchanged for lease_s (filelock's plain marker: locked for ever)."""
+    from llavaflow.train.resume_state import WorkDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "work")],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        _without_flock(monkeypatch)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"work.lease is locked: .*its lease was renewed for 3 s"):
+            with WorkDirLock(tmp_path / "work", lease_s=2.0):
+                pass
+        assert time.monotonic() - started >= 3.0
+    finally:
+        kill_tree(holder)
+    marker = tmp_path / "work.lease"
+    lines = marker.read_text().splitlines(keepends=True)
+    assert any(line.startswith("host=") for line in lines)  # the marker as filelock writes it: pid and host
+    marker.write_text("".join("host=another-node\n" if line.startswith("host=") else line for line in lines))
+    started = time.monotonic()
+    with WorkDirLock(tmp_path / "work", lease_s=2.0):
+        waited = time.monotonic() - started
+    assert 2.0 <= waited < 3.0 + 2.0, waited
 
 
 def test_pretrain_checkpoint_holds_the_trainable_parts_only(tiny, subset, tmp_path):

@@ -125,6 +125,7 @@ class LlavaDataset(Dataset):
         ids, labels, offsets = array("i"), array("i"), array("q", [0])
         self._images: list[str | None] = []  # image path per sample
         self._where: list[str] = []  # what errors call each sample
+        self._missing: list[str] = []  # images skipped as not found (on_bad_sample: skip)
         for src in sources:
             records, bad = read_annotations(src["annotation"], on_bad_sample)
             self.skipped["malformed"] += bad
@@ -165,7 +166,17 @@ class LlavaDataset(Dataset):
             for name in self.ARRAYS:
                 np.save(tmp / f"{name[1:]}.npy", getattr(self, name))
             (tmp / "samples.json").write_text(json.dumps({"images": self._images, "where": self._where,
-                                                          "skipped": self.skipped}))
+                                                          "skipped": self.skipped, "missing_images": self._missing}))
+
+    @staticmethod
+    def images_found_since_saved(folder: str | Path) -> list[str]:
+        """Images that were missing when `save` wrote `folder` (their samples skipped) and exist now: the saved
+        samples, and whatever was trained on them, no longer stand for the data. Empty where nothing is saved."""
+        try:
+            missing = json.loads((Path(folder) / "samples.json").read_text()).get("missing_images", [])
+        except (OSError, ValueError):  # nothing saved, or torn: tokenised afresh anyway
+            return []
+        return [image for image in missing if Path(image).is_file()]
 
     @classmethod
     def load(cls, folder: str | Path, transform: ImageTransform, on_bad_sample: str = "error") -> "LlavaDataset":
@@ -177,6 +188,7 @@ class LlavaDataset(Dataset):
             setattr(self, name, np.load(folder / f"{name[1:]}.npy", mmap_mode="r", allow_pickle=False))
         samples = json.loads((folder / "samples.json").read_text())
         self._images, self._where, self.skipped = samples["images"], samples["where"], samples["skipped"]
+        self._missing = samples.get("missing_images", [])
         if len(self._offsets) != len(self._images) + 1 or self._offsets[-1] != len(self._ids):
             raise DataError(f"{folder}: the saved samples do not match their arrays; remove the folder to tokenise again")
         return self
@@ -186,7 +198,9 @@ class LlavaDataset(Dataset):
         if rec.image is not None:
             image_path = folder / rec.image
             if not image_path.is_file():
-                return self._bad(rec, "missing_image", f"image {image_path} not found")
+                skipped = self._bad(rec, "missing_image", f"image {image_path} not found")
+                self._missing.append(str(image_path))
+                return skipped
         try:
             turns = sample_turns(rec.conversations, has_image=image_path is not None)
             input_ids, labels = encode_turns(turns, tokenizer, template, max_length)

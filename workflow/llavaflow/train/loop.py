@@ -209,7 +209,7 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
     with ExitStack() as stack:
         if rank == 0:
             stack.enter_context(resume_state.WorkDirLock(work_dir))
-            resume_state.prepare_work_dir(work_dir, fingerprint)
+            resume_state.prepare_work_dir(work_dir, fingerprint, stale_because=_images_found_since(work_dir))
         torch.distributed.barrier()
         run = _prepare(recipe, work_dir, rank, world, device)
         logger = None
@@ -227,6 +227,16 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
     # NCCL warns of leaked resources otherwise; only after a clean finish (a failed rank's peers may still
     # be inside a collective, and torchrun ends them)
     torch.distributed.destroy_process_group()
+
+
+def _images_found_since(work_dir: Path) -> str | None:
+    """Images are not in the input identity (hundreds of thousands of files), but under on_bad_sample: skip the
+    saved samples name those they skipped as missing: once any is there (downloaded or copied in after the data
+    check), the samples and the checkpoints trained on them are stale."""
+    found = LlavaDataset.images_found_since_saved(work_dir / "dataset")
+    if not found:
+        return None
+    return (f"was trained without {len(found)} image(s) that were missing then and exist now (first: {found[0]})")
 
 
 def input_identity(recipe: Recipe) -> dict:
