@@ -163,12 +163,16 @@ def main():
     rate = windowed_rate(records, args.skip)
     # what the run says it checkpointed (the H200's runs of 2026-11-30 silently checkpointed nothing)
     said = re.search(r"checkpointing \w+ on (\d+) of (\d+) blocks", proc.stdout)
+    # what torch.compile did: until 2026-12-01 every compiled ViT block broke its graph at transformers'
+    # hidden-states hook, and ran wholly eager when checkpointed
+    compiled = re.search(r"^torch\.compile \(rank 0\): (\{.*\})$", proc.stdout, re.MULTILINE)
     dtype_bytes = 2 if device_name() != "cpu" else 4  # the loop's precision: bf16 on a GPU, fp32 on a CPU
     predicted = predicted_peak_gib(args.work, args.stage, speed, args.micro_batch, rate["max_micro_batch_rows"],
                                    dtype_bytes)
     print(json.dumps({"bench": "train_e2e", "stage": args.stage, "device": device_name(), "small": args.small or args.tiny,
                       "micro_batch": args.micro_batch, **speed, **rate, "predicted_peak_gib": predicted,
-                      "checkpointed_blocks": f"{said[1]}/{said[2]}" if said else None}))
+                      "checkpointed_blocks": f"{said[1]}/{said[2]}" if said else None,
+                      "compile_counts": json.loads(compiled[1]) if compiled else None}))
 
 
 if __name__ == "__main__":

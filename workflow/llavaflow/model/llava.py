@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -11,6 +13,45 @@ from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODEL_PARTS
 from .activation_checkpointing import checkpoint_kwargs
 from .loss import fused_linear_cross_entropy
 from .packing import VARLEN, pack_rows, register_varlen_attention
+
+
+def compile_counts() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks (the code between two graphs runs
+    eagerly) with the first break's reason, and frames it gave up on (a recompile limit hit runs that block
+    eagerly from then on). A fallback shows nowhere else but in the speed."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
+            "first_break": next(iter(breaks), "").split("\n")[0] or None,
+            "unsupported": sum(counters["unimplemented"].values())}
+
+
+def _store_hidden_state(capture: dict, from_input: bool, module, args, output=None) -> None:
+    hidden = args[0] if from_input else output[0] if isinstance(output, tuple) else output
+    capture["hidden_state"] = hidden
+
+
+def _hook_selected_hidden_state(visual_encoder: nn.Module, select_layer: int, capture: dict) -> None:
+    """Have the vision tower's forward leave hidden state `select_layer` in `capture`, as `output_hidden_states`
+    numbers them: 0 is the first block's input, i the output of block i - 1 (so -2 is the penultimate block's).
+
+    Not through `output_hidden_states`: transformers records those in hooks that read a ContextVar, which
+    torch.compile cannot trace, so every compiled ViT block broke its graph there and, under checkpointing, ran
+    eagerly whole. A hook of ours on the one block compiles with it. A partial, not a closure: copy.deepcopy of the
+    model then gives the copy's hook the copy's dict.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in visual_encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not -len(blocks) - 1 <= select_layer <= len(blocks):
+        raise ValueError(f"visual_select_layer {select_layer}: the vision tower has {len(blocks)} blocks, so "
+                         f"{len(blocks) + 1} hidden states")
+    index = select_layer % (len(blocks) + 1)
+    if index == 0:
+        blocks[0].register_forward_pre_hook(functools.partial(_store_hidden_state, capture, True))
+    else:
+        blocks[index - 1].register_forward_hook(functools.partial(_store_hidden_state, capture, False))
 
 
 class LlavaModel(nn.Module):
@@ -25,6 +66,8 @@ class LlavaModel(nn.Module):
         self.visual_encoder = visual_encoder
         self.projector = projector
         self.visual_select_layer = visual_select_layer
+        self._vision_capture: dict = {}  # the selected hidden state of the forward in progress
+        _hook_selected_hidden_state(visual_encoder, visual_select_layer, self._vision_capture)
         self.trainable_parts: tuple[str, ...] = MODEL_PARTS
         self.packing = False
         self.fused_loss = False
@@ -82,8 +125,8 @@ class LlavaModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, patches, llm_hidden]: hidden layer `visual_select_layer`, CLS dropped."""
         vit_dtype = next(self.visual_encoder.parameters()).dtype
-        out = self.visual_encoder(pixel_values.to(vit_dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.visual_select_layer][:, 1:]
+        self.visual_encoder(pixel_values.to(vit_dtype))
+        feats = self._vision_capture.pop("hidden_state")[:, 1:]
         return self.projector(feats)
 
     def sample_rows(self, input_ids, attention_mask, labels, image_features):

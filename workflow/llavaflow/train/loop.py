@@ -9,6 +9,7 @@ all_reduce and .item() of each logged row.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import random
@@ -31,6 +32,7 @@ from ..distributed import init_distributed
 from ..identity import TRAIN_CODE, code_hash, path_fingerprint
 from ..model.activation_checkpointing import normalise_policy
 from ..model.build import build_llava
+from ..model.llava import compile_counts
 from ..model.checkpoint_reader import load_state_dict
 from ..template import get_template
 from . import resume_state
@@ -217,6 +219,8 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
             logger = stack.enter_context(MetricLogger(work_dir, resume_at=run.start, report_to=recipe.report_to,
                                                       params=recipe.to_dict(), run_name=f"{recipe.stage}-{work_dir.name}"))
         _loop(run, logger)
+        if rank == 0 and recipe.compile:
+            print(f"torch.compile (rank 0): {json.dumps(compile_counts())}", flush=True)
         if rank == 0 and any(run.dataset.bad_sample_counts().values()):  # on_bad_sample: skip
             print(f"bad samples skipped or replaced (rank 0): {run.dataset.bad_sample_counts()}", flush=True)
         if rank == 0:
