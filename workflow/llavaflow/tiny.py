@@ -57,6 +57,11 @@ MC_QUESTIONS = (
      "finegrained_perception (cross-instance)"),
     ("Identify the colour of the shapes.", "请识别形状的颜色。", "physical_property_reasoning", "attribute_reasoning"),
 )
+# MMBench puts a row's hint before its question; a quarter of the benchmark's rows (not CCBench's) carry this
+# one, and so does a quarter of the fine-tune's multiple-choice questions. Without any in training, whether the
+# model still found the option's letter behind a hint followed the CPU's rounding: circular accuracy on the
+# hinted DEV_CN rows 0.5, 0.8 or about 1.0 from the same seed (2026-12-02).
+MC_HINT = "Look at the picture.\nThen answer."
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int,
     (root / "pretrain" / "captions.json").write_text(json.dumps(pretrain, indent=1))
 
     lines = []
+    hints = random.Random(seed + 1)  # its own stream: every other sample stays as it was
     for i in range(n_finetune):
         chinese = rng.random() < 0.5
         shown = _cn if chinese else str
@@ -170,8 +176,9 @@ def make_training_data(root: Path, n_pretrain: int, n_finetune: int, seed: int,
         if rng.random() < 0.8:  # a multiple-choice colour question in the benchmark's format
             q_en, q_cn = rng.choice(MC_QUESTIONS)[:2]
             opts = mc_options(rng, scene.colour)
+            hint = MC_HINT if hints.random() < 0.25 else None
             conv += [{"from": "human", "value": "<image>\n" + mcq_text(q_cn if chinese else q_en,
-                                                                       _letters([shown(o) for o in opts]))},
+                                                                       _letters([shown(o) for o in opts]), hint)},
                      {"from": "gpt", "value": mc_answer(shown(scene.colour), "ABCD"[opts.index(scene.colour)],
                                                          mc_style)}]
         # open questions about the attributes, as a first turn or as follow-up turns
@@ -212,7 +219,7 @@ def make_mmbench_tsv(path: Path, dataset: str, n_questions: int, seed: int) -> N
         if q % 5 == 4:
             img = img.convert("RGBA")  # the RGBA PNG case
         image = _b64(img, "PNG" if q % 2 or img.mode == "RGBA" else "JPEG")
-        hint = "Look at the picture.\nThen answer." if (q % 4 == 3 and not ccbench) else None
+        hint = MC_HINT if (q % 4 == 3 and not ccbench) else None
         for k in range(len(opts)):
             shifted = opts[k:] + opts[:k]
             shown = [_cn(o) for o in shifted] if chinese else shifted
