@@ -12,6 +12,12 @@ from processes import kill_tree
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATASETS = ["MMBench_DEV_EN", "MMBench_TEST_EN", "MMBench_DEV_CN", "CCBench"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session runs as in this interpreter's activated environment (its bin folder first on PATH), as the README's
+# `source .venv/bin/activate`: the workflow's jobs call the `llavaflow` and `python` of the environment running
+# Snakemake, and DeepSpeed's CPU op is JIT-built by the first `ninja` on PATH. With the system's ninja (1.11) in
+# some processes and the venv's (1.13) in others, each rebuilt the shared extension cache in turn (~1 min of both
+# cores per training process on a 2-core machine).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 # Slow builds a fixture needs, started in the background when the session collects a test using that
@@ -65,18 +71,10 @@ def tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny["llm"], padding_side="right")
 
 
-def activated_env(env=None) -> dict:
-    """This interpreter's environment as if activated (its bin folder first on PATH), as the workflow's jobs
-    expect: they call the `llavaflow` and `python` of the environment running Snakemake."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, **(env or {})}
-
-
 def run(cmd, cwd=ROOT, env=None, timeout=900, check=True):
-    """Run a command (in the activated environment), returning CompletedProcess; on failure the output is in
-    the assertion message."""
-    full_env = activated_env(env)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    """Run a command, returning CompletedProcess; on failure the output is in the assertion message."""
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc

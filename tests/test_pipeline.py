@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT, activated_env, run
+from conftest import ROOT, run
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_killed_training_job_resumes_with_rerun_incomplete(tmp_path):
     work.mkdir()
     cmd = [sys.executable, "-m", "snakemake", "results/finetune/final.pth", "--cores", "2", "--snakefile",
            str(ROOT / "Snakefile"), "--directory", str(work), "--configfile", str(path)]
-    proc = subprocess.Popen(cmd, cwd=work, env=activated_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpt_dir = work / "results" / "finetune" / "work_dir"
     deadline = time.time() + 600

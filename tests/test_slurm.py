@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, activated_env, run
+from conftest import ROOT, run
 from slurm_cluster import SlurmCluster, Unavailable, install
 
 pytestmark = pytest.mark.slurm
@@ -208,8 +208,7 @@ def test_finetune_timed_out_preempted_and_cancelled_resumes_every_time(slurm_dag
     ckpts = work / "results" / "finetune" / "work_dir"
     ours = lambda: {j: s for j, s in finetune_jobs().items() if j not in before}  # noqa: E731
     with open(tmp_path / "snakemake.out", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=activated_env())
+        proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def saved_after(it, n_jobs):
             return lambda: len(ours()) == n_jobs and newest_iter(ckpts) > it
