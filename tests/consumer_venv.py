@@ -3,7 +3,8 @@
 Each lives in ~/.cache/llavaflow/<name>-<hash of its requirements and Python version> (LLAVAFLOW_CACHE
 overrides the root). It is built in a temporary sibling folder and renamed into place when complete, under
 a file lock, so concurrent test processes neither race nor see a half-built environment. torch comes first
-as `torch==2.13.0` (the CPU wheel; a bare requirement would pull CUDA) where the consumer needs it.
+as `torch==2.13.0` where the consumer needs it, from TORCH_INDEX_URL when set, as install.sh (a CPU wheel here:
+pip's configured index has one; PyPI's Linux wheel is the CUDA build, so elsewhere set it to PyTorch's CPU index).
 
 Building them takes minutes on a fresh machine (llama.cpp alone 3.5 minutes of both cores). conftest.py
 starts the builds in the background (`python consumer_venv.py NAME...`, niced) when the session holds a
@@ -30,6 +31,7 @@ from processes import run_in_group
 
 CACHE = Path(os.environ.get("LLAVAFLOW_CACHE", Path.home() / ".cache" / "llavaflow"))
 TORCH = "torch==2.13.0"
+TORCH_INDEX = os.environ.get("TORCH_INDEX_URL", "")
 CONSUMERS = Path(__file__).parent / "consumers"
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
@@ -52,6 +54,8 @@ def consumer_venv(name: str, requirements: list[str], no_deps: list[str] = (), *
     `build_env`: extra environment for pip (part of the cache key)."""
     spec = {"python": list(sys.version_info[:2]), "torch": TORCH if with_torch else None,
             "requirements": requirements, "no_deps": list(no_deps)}
+    if with_torch and TORCH_INDEX:
+        spec["torch_index"] = TORCH_INDEX
     if build_env:
         spec["build_env"] = build_env
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -71,7 +75,8 @@ def consumer_venv(name: str, requirements: list[str], no_deps: list[str] = (), *
             start = time.monotonic()
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(tmp)], check=True, timeout=300)
             if with_torch:
-                _pip(tmp / "bin" / "python", TORCH, env=env, timeout=timeout)
+                _pip(tmp / "bin" / "python", TORCH, *(["--index-url", TORCH_INDEX] if TORCH_INDEX else []), env=env,
+                     timeout=timeout)
             _pip(tmp / "bin" / "python", *requirements, env=env, timeout=timeout)
             if no_deps:
                 _pip(tmp / "bin" / "python", "--no-deps", *no_deps, env=env, timeout=timeout)

@@ -166,6 +166,16 @@ def test_interactive_session_on_a_pty(converted, image):
     assert f"error: {bomb}: refused as a possible decompression bomb (Image size (900000000 pixels)" in s.expect(">>> ")
     s.send("What colour are the shapes?\n")
     assert "BOT: " in s.expect(">>> ")  # ... after a decompression bomb too, with the last good image
+    s.send(f"/image {image}\n")
+    assert "(new image loaded; new conversation)" in s.expect(">>> ")
+    s.send("What colour are the shapes?\n")
+    assert s.expect(">>> ").split("BOT: ", 1)[1].strip() == first.split("BOT: ", 1)[1].strip()  # the same image, anew
+    s.send("RESET\n")  # xtuner chat's spellings
+    assert "(conversation reset)" in s.expect(">>> ")
+    s.send("EXIT\n")
+    assert s.proc.wait(timeout=60) == 0
+    s = Pty(CLI + [str(converted["out"] / "iter_xtuner"), "--image", str(image)])
+    s.expect(">>> ")
     s.send("/exit\n")
     assert s.proc.wait(timeout=60) == 0
 

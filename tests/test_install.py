@@ -57,6 +57,11 @@ def test_install_sh_installs_the_cpu_torch_first_where_there_is_none(tmp_path):
     assert calls[1:3] == ["<bin>/python -m pip install --quiet torch==2.13.0", "<bin>/python -m pip install --quiet -e .[test]"]
 
 
+def test_install_sh_takes_torch_from_torch_index_url_when_set(tmp_path):
+    _, calls = _install_sh(tmp_path, CONDA_PREFIX=str(tmp_path / "conda"), TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu")
+    assert calls[1] == "<bin>/python -m pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
 def test_install_sh_without_an_active_env_makes_and_uses_dot_venv(tmp_path):
     stdout, calls = _install_sh(tmp_path)
     assert calls[0] == "<bin>/python3 -m venv .venv"
