@@ -1,12 +1,14 @@
 """Every GPU measurement of issue 15 in one command, as JSON lines, within a time budget (--budget-s).
 
 The whole plan takes longer than one device call allows (each real-size fine-tune run loads 8 GB of weights
-and writes a ~57 GB final checkpoint: 3-4 minutes on an H200), so no measurement starts after the budget
-(450 s: the call ends within 8 minutes), none starts with less than half its timeout left, and `--only
-NAME ...` picks the ones a call is for. The plan runs the issue's goals first (fine-tune and pretrain with
+and compiles: 3 minutes on an H200; train_e2e.py stops each run before its ~57 GB final checkpoint), so no
+measurement starts after the budget (gpu_suite.sh gives the whole command 510 s, its install included), none
+starts with less than half its timeout left, and `--only NAME ...` picks the ones a call is for. The plan runs the issue's goals first (fine-tune and pretrain with
 the speed settings, MMBench), so a bare `bash bench/gpu_suite.sh` is the call to make when one is all there is.
 
-Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself;
+Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself (a
+compiled training run that fails early is run once more without compile: a compile failure would otherwise
+leave the goal unmeasured; without DeepSpeed the training measurements are skipped, saying so);
 the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with every
 measurement's log appended to <out>/gpu_suite.log (two files: the device tool brings back at most 8, and an
 extra one could crowd out the JSON lines). Measurements run in order of importance and are skipped (said so in
@@ -29,6 +31,7 @@ a line) once the time budget is spent, so the file always holds what finished.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+TRAINING_SCRIPTS = {str(BENCH / "train_e2e.py"), str(BENCH / "memory_phases.py")}  # through DeepSpeed
 FAST = {"packing": True, "fused_loss": True, "gradient_checkpointing": "selective", "compile": True}
 
 
@@ -65,8 +69,12 @@ def env_line() -> dict:
     return line
 
 
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
-    """(name, command, timeout in s), most important first."""
+    """(name, command, timeout in s, the command to run instead if it fails early), most important first."""
     py = [sys.executable]
     size = ["--tiny"] if small else []
     if small:
@@ -75,10 +83,12 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
         e2e = ["--samples", "144", "--micro-batch", "8", "--skip", "6", "--num-workers", "8", "--log-interval", "6"]
 
     def train(name, stage, settings, timeout):
-        sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-        cmd = py + [str(BENCH / "train_e2e.py"), "--work", str(work), "--stage", stage, "--run-name", name,
-                    *e2e, *size] + (["--set", *sets] if sets else [])
-        return (name, cmd, timeout)
+        def cmd(settings):
+            sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+            return py + [str(BENCH / "train_e2e.py"), "--work", str(work), "--stage", stage, "--run-name", name,
+                         *e2e, *size] + (["--set", *sets] if sets else [])
+        eager = cmd({**settings, "compile": False}) if settings.get("compile") else None
+        return (name, cmd(settings), timeout, eager)
 
     # compile is left out of the CPU smoke run: inductor's C++ build takes minutes there
     fast = {k: v for k, v in FAST.items() if not (small and k == "compile")}
@@ -86,15 +96,15 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
     # goals (fine-tune and pretrain MFU with the speed settings, MMBench time), then the checks behind them.
     mmbench = py + [str(BENCH / "mmbench_speed.py")] + (["--tiny", "--rows", "16", "--batch", "8", "--subset", "4"]
                                                          if small else ["--subset", "64"])
-    steps = [train("e2e_finetune_all", "finetune", fast, 300),  # H200 2026-11-30: 229 s (assets built, compile)
-             ("mmbench", mmbench, 180),
+    steps = [train("e2e_finetune_all", "finetune", fast, 300),  # H200 2026-11-30: 229 s (assets, compile, save)
+             ("mmbench", mmbench, 180, None),
              train("e2e_pretrain_all", "pretrain", {k: v for k, v in fast.items() if k != "gradient_checkpointing"}, 240),
-             ("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120),
-             # H200 2026-11-30: 167 s; a fine-tune's final checkpoint (~57 GB with the optimizer) is written each time
-             train("e2e_finetune_plain", "finetune", {}, 300),
+             ("packed_loss", py + [str(BENCH / "packed_loss.py"), *size] + (["--micro-batch", "2"] if small else []), 120,
+              None),
+             train("e2e_finetune_plain", "finetune", {}, 300),  # H200 2026-11-30: 167 s, its final save included
              # the recipe's peak per phase, against llavaflow.train.memory's figures
              ("memory_finetune", py + [str(BENCH / "memory_phases.py"), "--work", str(work), *size]
-              + (["--micro-batch", "2"] if small else []), 180),
+              + (["--micro-batch", "2"] if small else []), 180, None),
              train("e2e_pretrain_plain", "pretrain", {}, 180)]
     if small:  # the smoke run: each stage once, with every setting, is all the plumbing there is
         steps = [step for step in steps if not step[0].endswith("_plain")]
@@ -122,6 +132,7 @@ def kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    psutil.wait_procs(family, timeout=60)  # their GPU memory is free before the next measurement starts
 
 
 LOG_TAIL_CHARS = 1_000_000  # of each measurement's output, in the log file: 12 stay far under 16 MiB
@@ -192,23 +203,31 @@ def main() -> int:
         emit({"measurement": "env", "error": f"{type(e).__name__}: {e}"})
     failed = 0
     steps = plan(args.small, args.work)
-    unknown = sorted(set(args.only or ()) - {name for name, _, _ in steps})
+    unknown = sorted(set(args.only or ()) - {step[0] for step in steps})
     if unknown:  # a typo would spend a device call on nothing
-        p.error(f"--only: no measurement named {', '.join(unknown)} (there are: {', '.join(n for n, _, _ in steps)})")
-    for name, cmd, timeout in steps:
+        p.error(f"--only: no measurement named {', '.join(unknown)} (there are: {', '.join(s[0] for s in steps)})")
+    has_deepspeed = deepspeed_installed()
+    for name, cmd, timeout, eager in steps:
         if args.only and name not in args.only:
             continue
-        left = args.budget_s - (time.perf_counter() - t0)
-        timeout = timeout * args.timeout_scale
-        if left < timeout / 2:  # it would most likely be cut off: leave the time to a shorter one
-            emit({"measurement": name, "skipped": f"{left:.0f} s of the {args.budget_s:.0f} s budget left, "
-                                                  f"it may take {timeout:.0f} s"})
+        if not has_deepspeed and cmd[1] in TRAINING_SCRIPTS:
+            emit({"measurement": name, "skipped": "deepspeed is not installed (bench/wheels not carried?)"})
             continue
-        for line in run_one(name, cmd, int(min(timeout, left)), log):
-            failed += "error" in line
-            emit(line)
-        # a run killed by its timeout leaves its folder (a fine-tune's ~57 GB checkpoint) to fill the disk
-        shutil.rmtree(args.work / name, ignore_errors=True)
+        timeout = timeout * args.timeout_scale
+        for attempt, command in ((name, cmd), (f"{name}_eager", eager)):
+            left = args.budget_s - (time.perf_counter() - t0)
+            if left < timeout / 2:  # it would most likely be cut off: leave the time to a shorter one
+                emit({"measurement": attempt, "skipped": f"{left:.0f} s of the {args.budget_s:.0f} s budget left, "
+                                                         f"it may take {timeout:.0f} s"})
+                break
+            lines = run_one(attempt, command, int(min(timeout, left)), log)
+            for line in lines:
+                failed += "error" in line
+                emit(line)
+            # a run killed by its timeout leaves its folder (a fine-tune's ~57 GB checkpoint) to fill the disk
+            shutil.rmtree(args.work / name, ignore_errors=True)
+            if eager is None or not any("error" in line and not line["error"].startswith("timed out") for line in lines):
+                break
     emit({"measurement": "total", "seconds": round(time.perf_counter() - t0, 1), "failed": failed})
     return 1 if failed else 0
 

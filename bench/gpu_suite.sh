@@ -15,4 +15,5 @@ if [[ -d bench/wheels ]]; then
 fi
 "$py" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
     || export PYTHONPATH="$PWD/workflow${PYTHONPATH:+:$PYTHONPATH}"  # no setuptools: import from the tree
-exec "$py" bench/gpu_suite.py "$@"
+# The device call's limit covers the install too: the measurements get what is left of GPU_SUITE_SECONDS.
+exec "$py" bench/gpu_suite.py --budget-s $(( ${GPU_SUITE_SECONDS:-510} - SECONDS )) "$@"

@@ -18,9 +18,12 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from common import H100_BF16_PEAK, build_model, device_name
+from gpu_suite import kill_tree
 
 from llavaflow.train.recipe import Recipe
 
@@ -115,6 +118,48 @@ def predicted_peak_gib(work: Path, stage: str, speed: dict, micro_batch: int, ro
     return round(est.peak / GiB, 2)
 
 
+def train_until_last_row(cmd: list[str], metrics: Path, *, wait_for_compile: bool) -> tuple[str, list[dict]]:
+    """Run the training command until its last iteration is logged (and, with compile, what it compiled is
+    printed), then end it: what follows is the final checkpoint, ~57 GB and a minute of the device call at the
+    real size, which the rates leave out. Returns (its stdout, its metrics rows)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def read():  # the run's own lines, as they come, to the suite's log
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    stopped = False
+    while True:
+        time.sleep(1)
+        if proc.poll() is not None:
+            break
+        total = re.search(r" (\d+) iterations \(", "".join(lines))
+        rows = logged_rows(metrics)
+        if total and rows and rows[-1]["iter"] == int(total[1]) and (
+                not wait_for_compile or any(line.startswith("torch.compile (rank 0): ") for line in lines)):
+            kill_tree(proc.pid)
+            stopped = True
+            print("train_e2e: the last iteration is logged; the run is ended (its final checkpoint is not measured)",
+                  flush=True)
+            break
+    proc.wait()
+    reader.join(timeout=30)
+    if proc.returncode != 0 and not stopped:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return "".join(lines), logged_rows(metrics)
+
+
+def logged_rows(metrics: Path) -> list[dict]:
+    """The rows written so far (a line still being written is left for the next look)."""
+    text = metrics.read_text() if metrics.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", type=Path, required=True)
@@ -150,10 +195,7 @@ def main():
            "-m", "llavaflow.cli", "train", "--recipe", json.dumps(recipe),
            "--work-dir", str(run / "work"), "--output", str(run / "final.pth")]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        sys.stdout.write(proc.stdout)  # the run's own lines, to the suite's log
-        proc.check_returncode()
-        records = [json.loads(line) for line in (run / "final.pth" / "metrics.jsonl").read_text().splitlines()]
+        output, records = train_until_last_row(cmd, run / "work" / "metrics.jsonl", wait_for_compile=recipe.get("compile"))
     finally:  # a full fine-tune's final checkpoint (optimizer included) is ~57 GB: a GPU machine's disk holds one
         subprocess.run(["rm", "-rf", str(run)], check=True)
     defaults = Recipe(stage="", llm="", visual_encoder="", datasets=[], train=[])
@@ -162,10 +204,10 @@ def main():
                                                               "offload_optimizer")}
     rate = windowed_rate(records, args.skip)
     # what the run says it checkpointed (the H200's runs of 2026-11-30 silently checkpointed nothing)
-    said = re.search(r"checkpointing \w+ on (\d+) of (\d+) blocks", proc.stdout)
+    said = re.search(r"checkpointing \w+ on (\d+) of (\d+) blocks", output)
     # what torch.compile did: until 2026-12-01 every compiled ViT block broke its graph at transformers'
     # hidden-states hook, and ran wholly eager when checkpointed
-    compiled = re.search(r"^torch\.compile \(rank 0\): (\{.*\})$", proc.stdout, re.MULTILINE)
+    compiled = re.search(r"^torch\.compile \(rank 0\): (\{.*\})$", output, re.MULTILINE)
     dtype_bytes = 2 if device_name() != "cpu" else 4  # the loop's precision: bf16 on a GPU, fp32 on a CPU
     predicted = predicted_peak_gib(args.work, args.stage, speed, args.micro_batch, rate["max_micro_batch_rows"],
                                    dtype_bytes)

@@ -1,9 +1,12 @@
 """The CPU-cheap benchmark scripts run and measure what they claim (the GPU ones are smoke-run by hand)."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, run
 
@@ -129,6 +132,66 @@ def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
     assert ok == [{"measurement": "ok", "b": 2, "wall_s": ok[0]["wall_s"]}]
     log = (tmp_path / "log").read_text()
     assert [line.split(" (")[0] for line in log.splitlines() if line.startswith("==== ")] == ["==== broken", "==== hung", "==== ok"]
+
+
+def _bench_module(name):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other, as when run from bench/
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_a_measured_run_is_stopped_once_its_last_iteration_is_logged(tmp_path):
+    """train_e2e.py ends the training run before its final checkpoint (~57 GB and a minute at the real size): a
+    stand-in logs its iterations, then 'saves' for a minute from a child in a session of its own (as torchrun's
+    ranks are)."""
+    train_e2e = _bench_module("train_e2e")
+    metrics = tmp_path / "metrics.jsonl"
+    script = (
+        "import json, subprocess, sys, time\n"
+        "print('finetune: 6 samples, 1 rank(s), fp32, 3 iterations (3/epoch), starting fresh', flush=True)\n"
+        "saver = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "print('saver', saver.pid, flush=True)\n"
+        f"with open({str(metrics)!r}, 'a') as f:\n"
+        "    for it in (1, 2, 3):\n"
+        "        f.write(json.dumps({'iter': it}) + '\\n'); f.flush(); time.sleep(0.5)\n"
+        "time.sleep(60)\n")
+    t0 = time.monotonic()
+    output, rows = train_e2e.train_until_last_row([sys.executable, "-c", script], metrics, wait_for_compile=False)
+    assert time.monotonic() - t0 < 20 and [r["iter"] for r in rows] == [1, 2, 3]
+    saver = int(output.split("saver ")[1].split()[0])
+    assert not Path(f"/proc/{saver}").exists() or "Z" in Path(f"/proc/{saver}/stat").read_text().split()[2]
+    # a run that fails before its last row is an error, as before
+    failing = "import sys; print(' 3 iterations (', flush=True); sys.exit(4)"
+    with pytest.raises(subprocess.CalledProcessError):
+        train_e2e.train_until_last_row([sys.executable, "-c", failing], tmp_path / "none.jsonl", wait_for_compile=False)
+
+
+def test_gpu_suite_reruns_a_failed_compiled_run_eagerly_and_skips_training_without_deepspeed(tmp_path, capsys):
+    suite = _bench_module("gpu_suite")
+    fails = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    works = [sys.executable, "-c", "print('{\"tokens_per_s\": 1.0}')"]
+    training = [sys.executable, str(ROOT / "bench" / "train_e2e.py")]  # never run: no DeepSpeed below
+    suite.plan = lambda small, work: [("e2e_x", fails, 30, works), ("e2e_timeout", [sys.executable, "-c", "import time; time.sleep(30)"], 2, works),
+                                      ("mmbench", works, 30, None), ("e2e_y", training, 30, None)]
+    suite.deepspeed_installed = lambda: True
+    sys.argv = ["gpu_suite.py", "--work", str(tmp_path / "work"), "--budget-s", "200"]
+    assert suite.main() == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["measurement"], "error" in line) for line in lines[1:-1]] == [
+        ("e2e_x", True), ("e2e_x_eager", False), ("e2e_timeout", True), ("mmbench", False), ("e2e_y", True)]
+    assert lines[3]["error"] == "timed out after 2 s"  # a timeout is not retried: the eager run would take longer
+    suite.deepspeed_installed = lambda: False
+    assert suite.main() == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-2] == {"measurement": "e2e_y", "skipped": "deepspeed is not installed (bench/wheels not carried?)"}
+    assert lines[-3]["measurement"] == "mmbench" and "error" not in lines[-3]
 
 
 def test_gpu_suite_refuses_an_unknown_name_and_skips_what_cannot_finish(tmp_path):

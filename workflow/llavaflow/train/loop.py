@@ -219,8 +219,6 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
             logger = stack.enter_context(MetricLogger(work_dir, resume_at=run.start, report_to=recipe.report_to,
                                                       params=recipe.to_dict(), run_name=f"{recipe.stage}-{work_dir.name}"))
         _loop(run, logger)
-        if rank == 0 and recipe.compile:
-            print(f"torch.compile (rank 0): {json.dumps(compile_counts())}", flush=True)
         if rank == 0 and any(run.dataset.bad_sample_counts().values()):  # on_bad_sample: skip
             print(f"bad samples skipped or replaced (rank 0): {run.dataset.bad_sample_counts()}", flush=True)
         if rank == 0:
@@ -377,6 +375,9 @@ def _loop(run: Run, logger: MetricLogger | None) -> None:
                                 refresh=False)
             loss_sum.zero_()
             losses, stepped = 0, False
+        if it + 1 == run.total and run.rank == 0 and recipe.compile:
+            # before the final save (a minute at the real size), where bench/train_e2e.py stops a measured run
+            print(f"torch.compile (rank 0): {json.dumps(compile_counts())}", flush=True)
         if saving:
             _save(run, it + 1)
     bar.close()
