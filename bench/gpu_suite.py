@@ -3,15 +3,16 @@
 The whole plan takes longer than one device call allows (each real-size fine-tune run loads 8 GB of weights
 and compiles: 3 minutes on an H200; train_e2e.py stops each run before its ~57 GB final checkpoint), so no
 measurement starts after the budget (gpu_suite.sh gives the whole command 510 s, its install included), none
-starts with less than half its timeout left, and `--only NAME ...` picks the ones a call is for. The plan runs the issue's goals first (fine-tune and pretrain with
-the speed settings, MMBench), so a bare `bash bench/gpu_suite.sh` is the call to make when one is all there is.
+starts with less than half its timeout left, and `--only NAME ...` picks the ones a call is for. The plan runs
+the issue's goals first (fine-tune and pretrain with the speed settings, MMBench), so a bare
+`bash bench/gpu_suite.sh` is the call to make when one is all there is.
 
-Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself (a
-compiled training run that fails early is run once more without compile: a compile failure would otherwise
-leave the goal unmeasured; without DeepSpeed the training measurements are skipped, saying so);
-the lines go to stdout and, when $OUT (or --out) is set, to <out>/gpu_suite.jsonl as they come, with every
-measurement's log appended to <out>/gpu_suite.log (two files: the device tool brings back at most 8, and an
-extra one could crowd out the JSON lines). Measurements run in order of importance and are skipped (said so in
+Each measurement runs in a process of its own with a timeout, so one failure or hang costs only itself. A
+compiled training run that fails with one of torch.compile's own errors is run once more without compile, as
+`<name>_eager` (a compile failure would otherwise leave the goal unmeasured); without DeepSpeed the training
+measurements are skipped, saying so. The lines go to stdout and, when $OUT (or --out) is set, to
+<out>/gpu_suite.jsonl as they come, with every measurement's log appended to <out>/gpu_suite.log (two files:
+the device tool brings back at most 8, and an extra one could crowd out the JSON lines). Measurements run in order of importance and are skipped (said so in
 a line) once the time budget is spent, so the file always holds what finished.
 
   env            torch / CUDA / GPU / transformers / DeepSpeed versions, whether varlen_attn is usable
@@ -34,6 +35,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,24 +119,39 @@ def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
 def kill_tree(pid: int) -> None:
     """Kill a measurement and everything under it: torchrun starts its ranks in sessions of their own,
     so its process group alone would leave them running on the GPU."""
-    import psutil  # a DeepSpeed dependency
-
     try:
-        family = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for child in family:
+        import psutil  # a DeepSpeed dependency
+    except ImportError:  # the wheels not carried: no training ran, the group is all there is
+        psutil, family = None, []
+    else:
         try:
-            child.kill()
+            family = psutil.Process(pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            pass
+            family = []
+        for child in family:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    psutil.wait_procs(family, timeout=60)  # their GPU memory is free before the next measurement starts
+
+    def running(process) -> bool:  # a zombie holds no GPU memory; its reaping is not ours to wait for
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 15  # their GPU memory is free before the next measurement starts
+    while any(running(process) for process in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
+# torch.compile's own exceptions (an OOM inside a compiled block is not one: its traceback only passes through
+# torch/_dynamo's frames)
+COMPILE_ERROR = re.compile(r"torch\._(dynamo|inductor)\.exc\.\w+")
 LOG_TAIL_CHARS = 1_000_000  # of each measurement's output, in the log file: 12 stay far under 16 MiB
 
 
@@ -143,7 +160,7 @@ def run_one(name: str, cmd: list[str], timeout: int, log: Path | None) -> list[d
     a rate window's `seconds` say, are kept); or one line saying how it failed."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a timeout kills torchrun's ranks too
+                            errors="replace", start_new_session=True)  # its own process group: a timeout kills torchrun's ranks too
     try:
         output, _ = proc.communicate(timeout=timeout)
         error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
@@ -168,7 +185,8 @@ def run_one(name: str, cmd: list[str], timeout: int, log: Path | None) -> list[d
                 pass
     if error or not lines:
         tail = "\n".join(output.splitlines()[-15:])
-        lines.append({"measurement": name, "error": error or "no JSON line printed", "wall_s": seconds, "log_tail": tail})
+        lines.append({"measurement": name, "error": error or "no JSON line printed", "wall_s": seconds, "log_tail": tail,
+                      "compile_error": COMPILE_ERROR.search(output) is not None})
     return lines
 
 
@@ -226,7 +244,7 @@ def main() -> int:
                 emit(line)
             # a run killed by its timeout leaves its folder (a fine-tune's ~57 GB checkpoint) to fill the disk
             shutil.rmtree(args.work / name, ignore_errors=True)
-            if eager is None or not any("error" in line and not line["error"].startswith("timed out") for line in lines):
+            if eager is None or not any(line.get("compile_error") for line in lines):
                 break
     emit({"measurement": "total", "seconds": round(time.perf_counter() - t0, 1), "failed": failed})
     return 1 if failed else 0

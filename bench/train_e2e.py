@@ -122,7 +122,8 @@ def train_until_last_row(cmd: list[str], metrics: Path, *, wait_for_compile: boo
     """Run the training command until its last iteration is logged (and, with compile, what it compiled is
     printed), then end it: what follows is the final checkpoint, ~57 GB and a minute of the device call at the
     real size, which the rates leave out. Returns (its stdout, its metrics rows)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
     lines: list[str] = []
 
     def read():  # the run's own lines, as they come, to the suite's log

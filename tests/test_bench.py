@@ -173,21 +173,27 @@ def test_a_measured_run_is_stopped_once_its_last_iteration_is_logged(tmp_path):
         train_e2e.train_until_last_row([sys.executable, "-c", failing], tmp_path / "none.jsonl", wait_for_compile=False)
 
 
-def test_gpu_suite_reruns_a_failed_compiled_run_eagerly_and_skips_training_without_deepspeed(tmp_path, capsys):
+def test_gpu_suite_reruns_a_compile_failure_eagerly_and_skips_training_without_deepspeed(tmp_path, capsys, monkeypatch):
     suite = _bench_module("gpu_suite")
-    fails = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    compile_fails = [sys.executable, "-c", "import sys; print('torch._dynamo.exc.BackendCompilerFailed: backend'); sys.exit(3)"]
+    oom = [sys.executable, "-c", "import sys; print('torch.OutOfMemoryError: CUDA out of memory'); sys.exit(1)"]
+    hangs = [sys.executable, "-c", "import time; time.sleep(30)"]
     works = [sys.executable, "-c", "print('{\"tokens_per_s\": 1.0}')"]
-    training = [sys.executable, str(ROOT / "bench" / "train_e2e.py")]  # never run: no DeepSpeed below
-    suite.plan = lambda small, work: [("e2e_x", fails, 30, works), ("e2e_timeout", [sys.executable, "-c", "import time; time.sleep(30)"], 2, works),
-                                      ("mmbench", works, 30, None), ("e2e_y", training, 30, None)]
-    suite.deepspeed_installed = lambda: True
-    sys.argv = ["gpu_suite.py", "--work", str(tmp_path / "work"), "--budget-s", "200"]
+    training = [sys.executable, str(ROOT / "bench" / "train_e2e.py")]  # without its arguments: exits 2
+    monkeypatch.setattr(suite, "plan", lambda small, work: [
+        ("e2e_x", compile_fails, 30, works), ("e2e_oom", oom, 30, works), ("e2e_hang", hangs, 2, works),
+        ("mmbench", works, 30, None), ("e2e_y", training, 30, None)])
+    monkeypatch.setattr(suite, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--work", str(tmp_path / "work"), "--budget-s", "200"])
+    monkeypatch.delenv("OUT", raising=False)
     assert suite.main() == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # only torch.compile's own error is retried eagerly: an OOM or a timeout would fail again, or take longer
     assert [(line["measurement"], "error" in line) for line in lines[1:-1]] == [
-        ("e2e_x", True), ("e2e_x_eager", False), ("e2e_timeout", True), ("mmbench", False), ("e2e_y", True)]
-    assert lines[3]["error"] == "timed out after 2 s"  # a timeout is not retried: the eager run would take longer
-    suite.deepspeed_installed = lambda: False
+        ("e2e_x", True), ("e2e_x_eager", False), ("e2e_oom", True), ("e2e_hang", True), ("mmbench", False), ("e2e_y", True)]
+    assert lines[1]["compile_error"] and not lines[3]["compile_error"] and lines[4]["error"] == "timed out after 2 s"
+    assert lines[-1] == {"measurement": "total", "seconds": lines[-1]["seconds"], "failed": 4}
+    monkeypatch.setattr(suite, "deepspeed_installed", lambda: False)
     assert suite.main() == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[-2] == {"measurement": "e2e_y", "skipped": "deepspeed is not installed (bench/wheels not carried?)"}

@@ -52,7 +52,7 @@ def test_install_sh_keeps_the_torch_of_the_active_env(tmp_path):
     assert "install.sh: keeping torch 2.11.0+cu130" in stdout
 
 
-def test_install_sh_installs_the_cpu_torch_first_where_there_is_none(tmp_path):
+def test_install_sh_installs_torch_first_where_there_is_none(tmp_path):
     _, calls = _install_sh(tmp_path, CONDA_PREFIX=str(tmp_path / "conda"))
     assert calls[1:3] == ["<bin>/python -m pip install --quiet torch==2.13.0", "<bin>/python -m pip install --quiet -e .[test]"]
 
