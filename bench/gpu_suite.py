@@ -12,8 +12,9 @@ compiled training run that fails with one of torch.compile's own errors is run o
 `<name>_eager` (a compile failure would otherwise leave the goal unmeasured); without DeepSpeed the training
 measurements are skipped, saying so. The lines go to stdout and, when $OUT (or --out) is set, to
 <out>/gpu_suite.jsonl as they come, with every measurement's log appended to <out>/gpu_suite.log (two files:
-the device tool brings back at most 8, and an extra one could crowd out the JSON lines). Measurements run in order of importance and are skipped (said so in
-a line) once the time budget is spent, so the file always holds what finished.
+the device tool brings back at most 8, and an extra one could crowd out the JSON lines). Measurements run in
+order of importance and are skipped (said so in a line) once the time budget is spent, so the file always
+holds what finished.
 
   env            torch / CUDA / GPU / transformers / DeepSpeed versions, whether varlen_attn is usable
   packed_loss    the varlen_attn packed path's loss and gradient against the padded path and an fp32 reference
@@ -75,8 +76,9 @@ def deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def plan(small: bool, work: Path) -> list[tuple[str, list[str], int]]:
-    """(name, command, timeout in s, the command to run instead if it fails early), most important first."""
+def plan(small: bool, work: Path) -> list[tuple[str, list[str], int, list[str] | None]]:
+    """(name, command, timeout in s, the command to run instead if it fails with a torch.compile error), most
+    important first."""
     py = [sys.executable]
     size = ["--tiny"] if small else []
     if small:
@@ -159,8 +161,9 @@ def run_one(name: str, cmd: list[str], timeout: int, log: Path | None) -> list[d
     """Its JSON lines, each tagged with the measurement and its wall time (`wall_s`: a line's own fields,
     a rate window's `seconds` say, are kept); or one line saying how it failed."""
     t0 = time.perf_counter()
+    # its own process group: a timeout kills torchrun's ranks too
     proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)  # its own process group: a timeout kills torchrun's ranks too
+                            errors="replace", start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
         error = None if proc.returncode == 0 else f"exit status {proc.returncode}"

@@ -108,12 +108,21 @@ def test_memory_phases_finds_what_is_alive_at_the_peak():
     assert phases.where([torch_frame]) == "torch/nn/functional.py:3 linear"  # nothing of ours: the top frame
 
 
-def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
+def _bench_module(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other, as when run from bench/
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
+    suite = _bench_module("gpu_suite")
     failed = suite.run_one("broken", [sys.executable, "-c", "import sys; print('{\"a\": 1, \"seconds\": 6.5}'); sys.exit(3)"], 30,
                             tmp_path / "log")
     # the line's own "seconds" (train_e2e.py's rate window) is kept; the measurement's wall time is wall_s
@@ -132,19 +141,6 @@ def test_gpu_suite_keeps_going_past_a_failure_and_a_hang(tmp_path):
     assert ok == [{"measurement": "ok", "b": 2, "wall_s": ok[0]["wall_s"]}]
     log = (tmp_path / "log").read_text()
     assert [line.split(" (")[0] for line in log.splitlines() if line.startswith("==== ")] == ["==== broken", "==== hung", "==== ok"]
-
-
-def _bench_module(name):
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other, as when run from bench/
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
 
 
 def test_a_measured_run_is_stopped_once_its_last_iteration_is_logged(tmp_path):
