@@ -369,6 +369,55 @@ def test_image_errors_name_the_file_and_row(tsv, tmp_path):
 
     df = pd.DataFrame(rows())
     df.loc[df["index"] == 270, "image"] = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 80).decode()
-    prompts = {p.key: p for p in build_prompts(read_benchmark(write_tsv(df, tmp_path / "bad.tsv")))}
-    with pytest.raises(ImageError, match=r"bad.tsv index 270: not a readable image"):
+    with pytest.raises(BenchmarkError, match=r"bad.tsv index 270: not a readable image"):  # before any prediction
+        build_prompts(read_benchmark(write_tsv(df, tmp_path / "bad.tsv")))
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    df.loc[df["index"] == 270, "image"] = base64.b64encode(jpeg[: len(jpeg) * 3 // 4]).decode()  # a valid header, cut
+    prompts = {p.key: p for p in build_prompts(read_benchmark(write_tsv(df, tmp_path / "cut.tsv")))}
+    with pytest.raises(ImageError, match=r"cut.tsv index 270: not a readable image"):
         prompt_pixels([prompts[241], prompts[270]], lambda img: torch.zeros(3))
+
+
+def test_rows_that_would_fail_mid_run_are_refused_before_it(tmp_path):
+    """What used to pass the reading and fail after the predictions (or mid-run) is refused up front."""
+    base = pd.DataFrame(rows())
+    with pytest.raises(BenchmarkError, match=r"nocat.tsv: missing column\(s\) \['category'\]"):
+        read_benchmark(write_tsv(base.drop(columns=["category"]), tmp_path / "nocat.tsv"))
+    read_benchmark(write_tsv(base.drop(columns=["category", "answer"]), tmp_path / "MMBench_TEST_EN.tsv"))
+    tagged = base.copy()
+    tagged.loc[tagged["index"] == 270, "question"] = "What does <image> show?"
+    with pytest.raises(BenchmarkError, match=r"tag.tsv: index 270: the question, hint or an option contains <image>"):
+        build_prompts(read_benchmark(write_tsv(tagged, tmp_path / "tag.tsv")))
+    fractional = base.astype({"index": float})
+    fractional.loc[fractional["index"] == 270, "index"] = 270.5
+    with pytest.raises(BenchmarkError, match=r"frac.tsv: row \d+: index 270.5 is not an integer"):
+        read_benchmark(write_tsv(fractional, tmp_path / "frac.tsv"))
+
+
+def test_wrapped_base64_and_blank_lines_read_as_in_vlmevalkit(tmp_path):
+    df = pd.DataFrame(rows())
+    plain = df.loc[df["index"] == 270, "image"].item()
+    df.loc[df["index"] == 270, "image"] = "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76))
+    text = write_tsv(df, tmp_path / "w.tsv").read_text()
+    (tmp_path / "w.tsv").write_text(text.replace("\n", "\n   \n", 1))  # a whitespace-only line after the header
+    data = read_benchmark(tmp_path / "w.tsv")
+    assert len(data) == len(df) and image_bytes(data, 270) == base64.b64decode(plain)
+    prompts = {p.key: p for p in build_prompts(data)}
+    assert prompts[1000241].image is prompts[241].image  # circular copies share their main row's bytes
+
+
+def test_results_are_replaced_whole_and_formula_like_text_stays_text(tsv, tmp_path):
+    from llavaflow.report import ReportError, mmbench_table
+
+    data, out = read_benchmark(tsv), tmp_path / "out"
+    out.mkdir()
+    write_results(data, {**answers(data), 241: "=B"}, out, "MMBench_DEV_EN", "vlmevalkit-head", {})
+    xlsx = pd.read_excel(out / "predictions.xlsx").set_index("index")
+    assert xlsx.loc[241, "prediction"] == "=B"
+    assert sorted(p.name for p in out.iterdir()) == ["MMBench_DEV_EN_acc.csv", "mmbench_result.json",
+                                                          "predictions.csv", "predictions.xlsx", "summary.json"]
+    (out / "summary.json").write_text('{"dataset": "MMBench_DEV_EN", "ro')  # a torn file
+    with pytest.raises(ReportError, match=r"summary.json: not a readable evaluation summary"):
+        mmbench_table([out / "summary.json"])

@@ -37,10 +37,17 @@ class ReportError(ValueError):
     pass
 
 
+def read_summary(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable evaluation summary ({e}); rerun that evaluation") from None
+
+
 def mmbench_table(summaries: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in summaries:
-        s = json.loads(Path(path).read_text())
+        s = read_summary(path)
         row = {"dataset": s["dataset"], "rows": s["rows"], "policy": s["policy"], "template": s.get("template")}
         for mode in MODES:
             row[mode] = round(s[mode]["Overall"], 4) if mode in s else None
@@ -133,7 +140,7 @@ def mmbench_figure(summaries: list[str | Path], out: str | Path) -> None:
     """Per-category circular and vanilla accuracy of each scorable dataset, with the Overall line."""
     from matplotlib.figure import Figure
 
-    scored = [s for s in (json.loads(Path(p).read_text()) for p in summaries) if "circular" in s]
+    scored = [s for s in map(read_summary, summaries) if "circular" in s]
     fig = Figure(figsize=(11, 0.5 + 2.8 * max(1, len(scored))), layout="constrained")
     if not scored:
         ax = fig.subplots()

@@ -14,10 +14,12 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from tqdm import tqdm
 
 from ..atomic import atomic_output
+from ..constants import DEFAULT_IMAGE_TOKEN
 from ..identity import EVAL_CODE, code_hash
 from ..template import get_template
 from .extract import DEFAULT_POLICY, POLICIES, get_policy
-from .mmbench_data import image_bytes, option_letters, options, read_benchmark
+from .mmbench_data import (BenchmarkError, check_image_header, image_bytes, image_row, option_letters, options,
+                           read_benchmark)
 from .predict import Predictor, Prompt
 from .prompt import mcq_text
 from .score import scorable, score, write_acc_csv, xtuner_result
@@ -42,12 +44,23 @@ def _stamped(stamp: Path) -> dict | None:
 
 
 def build_prompts(df: pd.DataFrame) -> list[Prompt]:
+    """One prompt per row; every image is decoded from base64 and its header checked up front, once per
+    row that holds one (its circular copies point at it and share the bytes), so a bad row fails before
+    any prediction."""
     letters = option_letters(df)
+    path = df.attrs.get("path", "benchmark")
+    images: dict[int, bytes] = {}
     prompts = []
     for idx, row in df.iterrows():
         hint = row["hint"] if "hint" in df.columns and not pd.isna(row["hint"]) else None
-        text = "<image>\n" + mcq_text(str(row["question"]), options(row, letters), hint)
-        prompts.append(Prompt(int(idx), text, image_bytes(df, idx), f"{df.attrs.get('path', 'benchmark')} index {idx}"))
+        text = DEFAULT_IMAGE_TOKEN + "\n" + mcq_text(str(row["question"]), options(row, letters), hint)
+        if text.count(DEFAULT_IMAGE_TOKEN) > 1:  # the prompt's own image goes there: xtuner refuses this row too
+            raise BenchmarkError(f"{path}: index {idx}: the question, hint or an option contains {DEFAULT_IMAGE_TOKEN}")
+        source = image_row(df, idx)
+        if source not in images:
+            images[source] = image_bytes(df, source)
+            check_image_header(images[source], f"{path} index {source}")
+        prompts.append(Prompt(int(idx), text, images[source], f"{path} index {idx}"))
     return prompts
 
 
@@ -100,7 +113,7 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     policy_name, _ = get_policy(policy)
     df = read_benchmark(tsv)
-    prompts = build_prompts(df)  # decodes every image pointer up front: a bad row fails before any work
+    prompts = build_prompts(df)
     work_dir.mkdir(parents=True, exist_ok=True)
     # Everything a cached prediction depends on: new code, another dtype or batching predicts afresh.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -133,6 +146,8 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
 
 def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path, dataset: str, policy: str,
                   settings: dict) -> dict:
+    """Extract, score and write every result file, each atomically, summary.json last: a run killed while
+    writing leaves the old summary (or none), never a torn one beside new tables."""
     letters = option_letters(df)
     table = df.drop(columns=["image"]).reset_index(drop=True)
     table["prediction"] = [predictions[int(i)] for i in table["index"]]
@@ -147,25 +162,36 @@ def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path,
     if scorable(df):
         scores = score(table)
         summary.update(scores)
-        write_acc_csv(work_dir / f"{dataset}_acc.csv", scores["acc_rows"])
+        with _replacing(work_dir / f"{dataset}_acc.csv") as tmp:
+            write_acc_csv(tmp, scores["acc_rows"])
         has_l2 = "l2-category" in df.columns
-        (work_dir / "mmbench_result.json").write_text(json.dumps(xtuner_result(scores["circular"], has_l2), indent=2))
+        with _replacing(work_dir / "mmbench_result.json") as tmp:
+            tmp.write_text(json.dumps(xtuner_result(scores["circular"], has_l2), indent=2))
         table["hit"] = (table["extracted"] == table["answer"]).astype(int)
     else:
         summary["scorable"] = False
         summary["note"] = ("no answers (TEST split, or rows without an answer: see input_issues): predictions "
                            "written for submission, no accuracy claimed")
-    table.to_csv(work_dir / "predictions.csv", index=False)  # the raw text, control characters included
-    summary["xlsx_replaced_characters"] = write_xlsx(table, work_dir / "predictions.xlsx")
-    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=float))
+    with _replacing(work_dir / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False)  # the raw text, control characters included
+    with _replacing(work_dir / "predictions.xlsx") as tmp:
+        summary["xlsx_replaced_characters"] = write_xlsx(table, tmp)
+    with _replacing(work_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=float))
     log.info("%s: %s", dataset, {k: summary[k]["Overall"] for k in ("circular", "vanilla_0", "vanilla_all") if k in summary})
     return summary
+
+
+def _replacing(path: Path):
+    """A result file of ours, replaced whole by a rerun."""
+    return atomic_output(path, folder=False, overwrite=True)
 
 
 def write_xlsx(table: pd.DataFrame, path: Path) -> dict:
     """The xlsx, with each control character the format cannot hold (\\x00-\\x08, \\x0b, \\x0c, \\x0e-\\x1f, e.g.
     the \\x07 in real xtuner output, on which xtuner's own writer crashes) replaced by U+FFFD; the csv keeps
-    the raw text. Returns {index: count} of the rows changed."""
+    the raw text. Text starting with "=" is stored as text, not as a formula (which readers load as empty).
+    Returns {index: count} of the rows changed."""
     changed = {}
 
     def clean(value, index):
@@ -181,5 +207,10 @@ def write_xlsx(table: pd.DataFrame, path: Path) -> dict:
     if changed:
         log.warning("%s: %d control character(s) in %d row(s) (e.g. index %d) written as U+FFFD; predictions.csv "
                     "keeps the raw text", path, sum(changed.values()), len(changed), next(iter(changed)))
-    safe.to_excel(path, index=False)
+    with pd.ExcelWriter(path, engine="openpyxl") as writer:
+        safe.to_excel(writer, index=False)
+        for row in next(iter(writer.sheets.values())).iter_rows():
+            for cell in row:
+                if cell.data_type == "f":  # openpyxl takes any string starting with "=" for a formula
+                    cell.data_type = "s"
     return changed

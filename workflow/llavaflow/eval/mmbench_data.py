@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import logging
 import re
 import string
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,17 @@ def read_benchmark(path: str | Path) -> pd.DataFrame:
                              "field reads this way: fetch it again") from None
     # Column names: l2-category is matched case-insensitively; option letters stay upper case.
     df = df.rename(columns={c: c.lower() for c in df.columns if len(c) > 1})
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    # A file with answers is scored per category: without the column it would fail after the whole run.
+    missing = [c for c in REQUIRED_COLUMNS + (("category",) if "answer" in df.columns else ()) if c not in df.columns]
     if missing:
         raise BenchmarkError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
     raw = _raw_records(path)
-    bad = pd.to_numeric(df["index"], errors="coerce").isna()
+    numeric = pd.to_numeric(df["index"], errors="coerce")
+    bad = numeric.isna() | (numeric % 1 != 0)  # 241.7 would be cut to 241 and taken for another row
     if bad.any():
-        raise BenchmarkError(f"{path}: row {int(bad.idxmax()) + 2}: index {df['index'][bad].iloc[0]!r} is not an integer")
+        value = df["index"][bad].iloc[0]
+        shown = repr(value) if isinstance(value, str) else value
+        raise BenchmarkError(f"{path}: row {int(bad.idxmax()) + 2}: index {shown} is not an integer")
     df["index"] = df["index"].astype(int)
     dupes = df["index"][df["index"].duplicated()]
     if len(dupes):
@@ -81,7 +87,7 @@ def _raw_records(path: Path) -> list[tuple[int, list[str]]]:
         reader = csv.reader(f, delimiter="\t")
         records, line = [], 1
         for fields in reader:
-            if fields:  # pandas skips blank lines too
+            if fields and not (len(fields) == 1 and not fields[0].strip()):  # pandas skips blank lines too
                 records.append((line, fields))
             line = reader.line_num + 1
     return records
@@ -156,8 +162,8 @@ def options(row: pd.Series, letters: list[str]) -> dict[str, str]:
     return {L: str(row[L]) for L in letters if not pd.isna(row[L])}
 
 
-def image_bytes(df: pd.DataFrame, index: int) -> bytes:
-    """Decode a row's image, following pointers (an index of another row) transitively."""
+def image_row(df: pd.DataFrame, index: int) -> int:
+    """The index of the row holding this row's image, following pointers (an index of another row) transitively."""
     where = f"{df.attrs['path']}: " if "path" in df.attrs else ""
     seen = [index]
     value = df.at[index, "image"]
@@ -174,7 +180,24 @@ def image_bytes(df: pd.DataFrame, index: int) -> bytes:
         value = df.at[target, "image"]
     if not isinstance(value, str):
         raise BenchmarkError(f"{where}index {index}: no image (image cell is empty)")
+    return seen[-1]
+
+
+def image_bytes(df: pd.DataFrame, index: int) -> bytes:
+    """Decode a row's image, following pointers. Whitespace in the base64 (a value wrapped across lines) is
+    skipped, as base64.b64decode does in VLMEvalKit and xtuner; any other non-base64 character is an error."""
+    source = image_row(df, index)
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode("".join(df.at[source, "image"].split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise BenchmarkError(f"{where}index {seen[-1]}: image is not valid base64 ({e})") from None
+        where = f"{df.attrs['path']}: " if "path" in df.attrs else ""
+        raise BenchmarkError(f"{where}index {source}: image is not valid base64 ({e})") from None
+
+
+def check_image_header(data: bytes, where: str) -> None:
+    """Refuse bytes that are no image format PIL knows, from the header alone (cheap: nothing is decoded);
+    a truncated image is still found when its batch decodes it, with the row named."""
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, plugin errors on a bad header
+        raise BenchmarkError(f"{where}: not a readable image ({e or type(e).__name__})") from None
