@@ -312,6 +312,13 @@ def test_malformed_samples_are_named_or_skipped_and_the_rest_kept(tiny, tokenize
     source = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
     with pytest.raises(DataError, match=r"data.jsonl:4: malformed JSON line: 'utf-8' codec can't decode"):
         LlavaDataset(source, tokenizer, PHI3_CHAT, transform, 64)
+    listed = tmp_path / "data.json"  # entries of a JSON list are named by position (and id), not as lines
+    listed.write_text(json.dumps([good, {"id": "x7", "conversations": "Hi"}], indent=2))
+    with pytest.raises(DataError, match=r"^\S*data.json entry 2 \(id x7\): expected an object with a 'conversations' list$"):
+        LlavaDataset([{**source[0], "annotation": str(listed)}], tokenizer, PHI3_CHAT, transform, 64)
+    ann.write_bytes(b"\n".join([*lines[:3], b'{"id": 5, "image": 3, "conversations": []}']) + b"\n")
+    with pytest.raises(DataError, match=r"^\S*data.jsonl:4 \(id 5\): 'image' must be a relative path string, got 3$"):
+        LlavaDataset(source, tokenizer, PHI3_CHAT, transform, 64)
     ann.write_bytes(b"\n".join(lines[:3]) + b"\n")
     with pytest.raises(DataError, match=r"data.jsonl line 2 \(id 2\): 2 <image> placeholders in one conversation"):
         LlavaDataset(source, tokenizer, PHI3_CHAT, transform, 64)

@@ -46,11 +46,14 @@ class Record:
 
 
 def _record(obj, source: str, line: int) -> Record:
+    ident = f" (id {obj['id']})" if isinstance(obj, dict) and "id" in obj else ""
+    # file:line for a JSONL line; a JSON list's position is no line number, so it is called an entry
+    where = (f"{source}:{line}" if source.endswith(".jsonl") else f"{source} entry {line}") + ident
     if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
-        raise DataError(f"{source}:{line}: expected an object with a 'conversations' list")
+        raise DataError(f"{where}: expected an object with a 'conversations' list")
     image = obj.get("image")
     if image is not None and not isinstance(image, str):
-        raise DataError(f"{source}:{line}: 'image' must be a relative path string, got {image!r}")
+        raise DataError(f"{where}: 'image' must be a relative path string, got {image!r}")
     return Record(source, line, str(obj.get("id", line)), image, obj["conversations"])
 
 
@@ -67,12 +70,19 @@ def read_annotations(path: str | Path, on_bad_sample: str = "error") -> tuple[li
                     line = raw.decode("utf-8")
                     if not line.strip():
                         continue
-                    records.append(_record(json.loads(line), str(path), n))
-                except (UnicodeDecodeError, json.JSONDecodeError, DataError) as e:
-                    if on_bad_sample != "skip":
-                        raise DataError(f"{path}:{n}: malformed JSON line: {e}") from None
-                    skipped += 1
-                    log.warning("skipping %s:%d: %s", path, n, e)
+                    obj = json.loads(line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    error = DataError(f"{path}:{n}: malformed JSON line: {e}")
+                else:
+                    try:
+                        records.append(_record(obj, str(path), n))
+                        continue
+                    except DataError as e:
+                        error = e
+                if on_bad_sample != "skip":
+                    raise error
+                skipped += 1
+                log.warning("skipping %s", error)
         return records, skipped
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
