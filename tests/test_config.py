@@ -78,6 +78,9 @@ def test_the_schema_requires_every_recipe_value_that_changes_the_result():
     (lambda c: c["pretrain"].update(accumulative_counts=16),  # save_steps 1000
      "config key pretrain.save_steps: 1000 is not a multiple of accumulative_counts (16): a checkpoint inside an "
      "accumulation cannot be resumed exactly"),
+    (lambda c: c["finetune"].update(deepspeed_stage=3), "config key finetune.deepspeed_stage"),
+    (lambda c: c["finetune"].update(deepspeed_stage=0, offload_optimizer="cpu"),
+     "config key finetune.offload_optimizer: cpu needs deepspeed_stage 1 or 2"),
 ])
 def test_bad_config_names_the_key(mutate, expected):
     c = copy.deepcopy(load("config.yaml"))

@@ -431,5 +431,70 @@ def test_optimizer_offload_trains_like_the_plain_run(tiny, subset, tmp_path):
 
     proc = torchrun(1, dict(plain, offload_optimizer="cpu", deepspeed_stage=0), tmp_path / "w3", tmp_path / "o3",
                     check=False)
-    assert proc.returncode != 0 and "offload_optimizer: cpu needs deepspeed_stage 1, 2 or 3" in proc.stderr
+    assert proc.returncode != 0 and "recipe key offload_optimizer: cpu needs deepspeed_stage 1 or 2" in proc.stderr
     assert not (tmp_path / "w3").exists()
+
+
+def test_what_would_train_for_nothing_or_lose_data_is_refused_before_training(tiny, subset, tmp_path):
+    """ZeRO-3 (per-rank shards nothing downstream reads), fewer iterations than one accumulation (no optimizer
+    step), and an --output that holds data of the user's or an input: refused before any training."""
+    from llavaflow.atomic import OutputError
+    from llavaflow.train.loop import train
+
+    with pytest.raises(ValueError, match="recipe key deepspeed_stage: 3 is not supported"):
+        Recipe.from_dict(recipe(tiny, deepspeed_stage=3))
+    with pytest.raises(ValueError, match="recipe key deepspeed_stage: 3 is not supported"):  # built in code
+        train(Recipe(**recipe(tiny, deepspeed_stage=3)), work_dir=tmp_path / "w", output=tmp_path / "o")
+
+    user = tmp_path / "user_stuff"
+    (user / "work").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    rec = Recipe(**recipe(tiny, datasets=subset))
+    with pytest.raises(OutputError, match=r"user_stuff: exists and is not empty; pass --overwrite"):
+        train(rec, work_dir=tmp_path / "w", output=user)
+    with pytest.raises(OutputError, match=r"user_stuff: the output is or contains the input .*user_stuff/work"):
+        train(rec, work_dir=user / "work", output=user, overwrite=True)
+    assert (user / "notes.txt").read_text() == "mine" and not (tmp_path / "w").exists()
+
+    proc = torchrun(1, recipe(tiny, datasets=subset, micro_batch_size=8, accumulative_counts=8, save_steps=8),
+                    tmp_path / "w", tmp_path / "o", check=False)  # 48 samples: 6 iterations
+    assert proc.returncode != 0 and ("finetune: 6 iteration(s) (48 samples, micro_batch_size 8, 1 rank(s), 1 epoch(s)) "
+                                     "are fewer than accumulative_counts (8)") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_published_checkpoint_is_replaced_by_a_rerun_and_nothing_else_is(tmp_path):
+    from llavaflow.atomic import OutputError
+    from llavaflow.train.resume_state import publish
+
+    ckpt = tmp_path / "work" / "iter_4.pth"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"new")
+    (ckpt / "complete").touch()
+    out = tmp_path / "final.pth"
+    out.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "metrics.jsonl"):
+        (out / name).write_bytes(b"old")  # an earlier publish
+    publish(ckpt, out, inputs=[tmp_path / "work"])
+    assert sorted(p.name for p in out.iterdir()) == ["mp_rank_00_model_states.pt"]
+    assert (out / "mp_rank_00_model_states.pt").read_bytes() == b"new"
+    (out / "README.md").write_text("the user's")
+    with pytest.raises(OutputError, match="final.pth: exists and is not empty"):
+        publish(ckpt, out)
+    assert (out / "README.md").exists()
+
+
+def test_fsync_tree_flushes_every_file_and_folder(tmp_path, monkeypatch):
+    """A checkpoint's files reach the disk before its `complete` marker is written (loop._save)."""
+    import os
+
+    from llavaflow.atomic import fsync_tree
+
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    for name in ("a.pt", "sub/b.pt"):
+        (tmp_path / "ckpt" / name).write_bytes(b"x")
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    fsync_tree(tmp_path / "ckpt")
+    root = str(tmp_path / "ckpt")
+    assert synced == [f"{root}/a.pt", f"{root}/sub/b.pt", f"{root}/sub", root]

@@ -103,3 +103,17 @@ def atomic_output(out: str | Path, *, folder: bool = True, inputs=(), overwrite:
         shutil.rmtree(old)
         return
     os.replace(tmp, out)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to stable storage: a marker written
+    after this (a checkpoint's `complete`) cannot survive a machine crash that the data it vouches for did
+    not (the page cache writes an empty marker back long before gigabytes of tensors)."""
+    folder = Path(folder)
+    paths = sorted(folder.rglob("*"))
+    for path in [p for p in paths if p.is_file() and not p.is_symlink()] + [p for p in paths if p.is_dir()] + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

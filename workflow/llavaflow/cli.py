@@ -26,7 +26,7 @@ def _load_recipe(value: str, overrides: str | None = None):
 def cmd_train(args) -> None:
     from .train.loop import train
 
-    train(_load_recipe(args.recipe, args.set), work_dir=args.work_dir, output=args.output)
+    train(_load_recipe(args.recipe, args.set), work_dir=args.work_dir, output=args.output, overwrite=args.overwrite)
 
 
 def cmd_build_tiny(args) -> None:
@@ -345,7 +345,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", required=True, help="the stage recipe: a JSON/YAML file or an inline JSON object")
     t.add_argument("--set", help="JSON object of recipe keys to override (e.g. save_steps, num_workers)")
     t.add_argument("--work-dir", required=True, help="resume state (iter_N.pth checkpoints); reruns resume from it")
-    t.add_argument("--output", required=True, help="where the final checkpoint is published when the run completes")
+    t.add_argument("--output", required=True, help="where the final checkpoint is published when the run completes "
+                   "(an earlier one published there is replaced; anything else there is refused)")
+    t.add_argument("--overwrite", action="store_true", help="replace whatever is at --output (never an input)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build-tiny", help="build the tiny embedded preset's models and data")

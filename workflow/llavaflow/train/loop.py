@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..atomic import fsync_tree
 from ..constants import IMAGE_TOKEN_INDEX
 from ..data.collate import collate
 from ..data.dataset import DataError, LlavaDataset
@@ -39,7 +40,7 @@ from . import resume_state
 from .flops import FlopModel
 from .memory import reduce_bucket_elements
 from .metrics import MetricLogger
-from .recipe import Recipe
+from .recipe import Recipe, combination_errors
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,16 @@ class Run:
             yield it, epoch, next(loader)
 
 
-def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
-    """Run (or resume) one training stage into `work_dir`; publish its last checkpoint as `output`."""
+def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path, overwrite: bool = False) -> None:
+    """Run (or resume) one training stage into `work_dir`; publish its last checkpoint as `output`.
+
+    An existing `output` is replaced when it is an earlier publish of ours, or with `overwrite`; one that
+    is or holds the work dir or an input is refused either way, before any training."""
     work_dir, output = Path(work_dir), Path(output)
     validate(recipe)
+    inputs = [work_dir, recipe.llm, recipe.visual_encoder, recipe.init_from,
+              *(d[k] for d in recipe.datasets for k in ("annotation", "image_folder") if d.get(k))]
+    resume_state.check_publish_target(output, inputs, overwrite)
     rank, world, device = init_distributed(group_of_one=True)
     fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage,
                    "code": code_hash(*TRAIN_CODE), "inputs": input_identity(recipe)}
@@ -223,7 +230,7 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path) -> None:
             print(f"bad samples skipped or replaced (rank 0): {run.dataset.bad_sample_counts()}", flush=True)
         if rank == 0:
             _, last = resume_state.newest_checkpoint(work_dir)
-            resume_state.publish(last, output, [work_dir / "metrics.jsonl"])
+            resume_state.publish(last, output, [work_dir / "metrics.jsonl"], inputs=inputs, overwrite=overwrite)
             print(f"published {last.name} as {output}", flush=True)
         torch.distributed.barrier()
     # NCCL warns of leaked resources otherwise; only after a clean finish (a failed rank's peers may still
@@ -255,11 +262,10 @@ def validate(recipe: Recipe) -> None:
     from .jit_build_lock import build_lock, check_build_lock
     from .tracking import check_trackers
 
+    for key, why in combination_errors(recipe.to_dict()).items():  # a Recipe built in code skipped from_dict
+        raise ValueError(f"recipe key {key}: {why}")
     check_trackers(recipe.report_to)
     check_build_lock(build_lock())  # else a killed run's lock file stalls deepspeed.initialize forever
-    if recipe.offload_optimizer != "none" and recipe.deepspeed_stage not in (1, 2, 3):
-        raise ValueError(f"offload_optimizer: {recipe.offload_optimizer} needs deepspeed_stage 1, 2 or 3 "
-                         f"(DeepSpeed offloads ZeRO's optimizer partitions), not {recipe.deepspeed_stage}")
 
 
 def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torch.device) -> Run:
@@ -274,6 +280,14 @@ def _prepare(recipe: Recipe, work_dir: Path, rank: int, world: int, device: torc
     sampler = build_sampler(recipe, dataset, rank, world)
     iters_per_epoch = math.ceil(sampler.num_samples / recipe.micro_batch_size)
     total = iters_per_epoch * recipe.epochs
+    if total < recipe.accumulative_counts:  # DeepSpeed steps only at the end of an accumulation
+        raise ValueError(f"{recipe.stage}: {total} iteration(s) ({len(dataset)} samples, micro_batch_size "
+                         f"{recipe.micro_batch_size}, {world} rank(s), {recipe.epochs} epoch(s)) are fewer than "
+                         f"accumulative_counts ({recipe.accumulative_counts}): no optimizer step would be taken")
+    if total % recipe.accumulative_counts and rank == 0:
+        print(f"{recipe.stage}: the last {total % recipe.accumulative_counts} of {total} iterations end inside an "
+              f"accumulation of {recipe.accumulative_counts} and reach no optimizer step (as in xtuner under "
+              "DeepSpeed)", flush=True)
 
     model = build_model(recipe)
     patches = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
@@ -325,9 +339,11 @@ def _save(run: Run, it: int) -> None:
     # llava.trainable_state_dict says; tests/test_train.py checks the two agree). They come back from the
     # base weights on resume, and ZeRO does not copy them into the file as "frozen fragments" either.
     run.engine.save_checkpoint(str(run.work_dir), tag=tag, client_state=client, exclude_frozen_parameters=True)
+    fsync_tree(run.work_dir / tag)  # each rank's files on disk before `complete` can be (a node crash)
     torch.distributed.barrier()
     if run.rank == 0:
         (run.work_dir / tag / "complete").touch()
+        fsync_tree(run.work_dir / tag)  # the marker too, before the older checkpoints it replaces are pruned
         resume_state.prune_checkpoints(run.work_dir, run.recipe.save_total_limit)
     torch.distributed.barrier()
 

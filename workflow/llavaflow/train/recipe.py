@@ -80,8 +80,17 @@ def combination_errors(values: dict) -> dict[str, str]:
     """Keys of a stage's values (a config section or a recipe; omitted keys take Recipe's defaults) whose
     value cannot go with the others, each with why."""
     defaults = {f.name: f.default for f in fields(Recipe)}
-    save, accumulate = (values.get(k, defaults[k]) for k in ("save_steps", "accumulative_counts"))
+    save, accumulate, stage, offload = (values.get(k, defaults[k]) for k in
+                                        ("save_steps", "accumulative_counts", "deepspeed_stage", "offload_optimizer"))
     errors = {}
+    if stage == 3:
+        # ZeRO-3 saves per-rank shards (zero_pp_rank_*_model_states.pt): init_from and the converters read one
+        # consolidated mp_rank_00 file, so the stage would train to its end and publish what nothing reads.
+        errors["deepspeed_stage"] = ("3 is not supported: ZeRO-3 checkpoints are per-rank shards that init_from and "
+                                     "the converters cannot read; use 2 (with offload_optimizer: cpu to fit one GPU)")
+    elif offload != "none" and stage == 0:
+        errors["offload_optimizer"] = (f"{offload} needs deepspeed_stage 1 or 2 (DeepSpeed offloads ZeRO's "
+                                       "optimizer partitions), not 0")
     if save % accumulate:
         # DeepSpeed saves no partial gradients and restarts its micro-step count at 0: a resume from there
         # would lose the accumulated micro-batches and step at other iterations than an unbroken run.

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from filelock import FileLock, SoftFileLease, Timeout
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, check_output
 
 ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
+# What publish() puts in an output folder: DeepSpeed's state files and the metrics. A folder holding only
+# these is a result of ours that a rerun replaces; anything else there is refused (--overwrite to replace).
+PUBLISHED_FILE_RE = re.compile(r"^(metrics\.jsonl|\w+_(model|optim)_states\.pt)$")
 
 
 def list_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
@@ -121,9 +124,19 @@ class WorkDirLock:
         self._lock.release()
 
 
-def publish(checkpoint: Path, output: Path, extra_files: list[Path] = ()) -> None:
+def check_publish_target(output: Path, inputs=(), overwrite: bool = False) -> None:
+    """Refuse an output that is or holds an input (the work dir, a base model, the data), or an existing
+    one that is not an earlier publish of ours, unless `overwrite`. Called before training and again
+    before publishing, so nothing is trained for an output that would be refused at the end."""
+    ours = (output.is_dir() and not output.is_symlink()
+            and all(p.is_file() and not p.is_symlink() and PUBLISHED_FILE_RE.match(p.name) for p in output.iterdir()))
+    check_output(output, inputs, overwrite=overwrite or ours)
+
+
+def publish(checkpoint: Path, output: Path, extra_files: list[Path] = (), *, inputs=(), overwrite: bool = False) -> None:
     """Hard-link (or copy) a finished checkpoint to `output`, atomically."""
-    with atomic_output(output, overwrite=True) as tmp:
+    check_publish_target(output, inputs, overwrite)
+    with atomic_output(output, inputs=inputs, overwrite=True) as tmp:
         for f in list(checkpoint.iterdir()) + list(extra_files):
             if f.name == "complete":
                 continue
