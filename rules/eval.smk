@@ -23,6 +23,7 @@ rule mmbench_eval:
     params:
         template=config["mmbench"]["prompt_template"],
         policy=config["mmbench"]["policy"],
+        verbose_quirk="--verbose-quirk" if config["mmbench"]["verbose_quirk"] else "",
         max_new_tokens=config["mmbench"]["max_new_tokens"],
         torch_dtype=config["mmbench"]["torch_dtype"],
         code=EVAL_CODE,
@@ -39,7 +40,7 @@ rule mmbench_eval:
     shell:
         "{params.launcher} -m llavaflow.cli mmbench {input.model} --data-path {input.tsv}"
         " --work-dir results/mmbench/{wildcards.dataset} --dataset {wildcards.dataset}"
-        " --prompt-template {params.template} --policy {params.policy} --max-new-tokens {params.max_new_tokens}"
+        " --prompt-template {params.template} --policy {params.policy} {params.verbose_quirk} --max-new-tokens {params.max_new_tokens}"
         " --batch-size {params.batch_size} --torch-dtype {params.torch_dtype} > {log} 2>&1"
 
 

@@ -116,6 +116,12 @@ def test_circular_and_vanilla_scores_with_acc_csv(tsv, tmp_path):
     assert summary["vanilla_0"]["Overall"] == pytest.approx(4 / 5)  # main rows: only 280 wrong
     assert summary["vanilla_all"]["Overall"] == pytest.approx(8 / 11)
     assert summary["extraction"]["vlmevalkit-head"]["unparsed"] == 2
+    # beyond VLMEvalKit: rotation k's rows are the k-th shift (Q1 has 4, Q3 3, Q2 2; Q4 and Q5 only main rows)
+    assert summary["per_rotation"] == pytest.approx({"0": 4 / 5, "1": 2 / 3, "2": 1 / 2, "3": 1.0})
+    assert summary["consistency_gap"] == pytest.approx(8 / 11 - 2 / 5)
+    assert summary["circular_by_source"] == {"scienceqa": 0.0, "x": 0.5}  # Q1 | Q2..Q5
+    low, high = summary["circular_ci95"]
+    assert 0 <= low < 0.4 < high <= 1 and summary["circular_ci95"] == score_of(df, pred)["circular_ci95"]  # seeded
     with open(tmp_path / "MMBench_DEV_EN_acc.csv", newline="") as f:
         header, values = list(csv.reader(f))
     assert header == ["split", "Overall", "CP", "FP-C", "FP-S", "attribute_recognition", "image_quality", "image_scene", "ocr"]
@@ -125,6 +131,29 @@ def test_circular_and_vanilla_scores_with_acc_csv(tsv, tmp_path):
     assert set(xt) == {"Average", "CP", "FP-C", "FP-S"}
     table = pd.read_excel(tmp_path / "predictions.xlsx")
     assert len(table) == 11 and "image" not in table.columns and {"prediction", "extracted", "hit"} <= set(table.columns)
+
+
+def score_of(df, pred):
+    from llavaflow.eval.score import score
+
+    table = df.drop(columns=["image"]).reset_index(drop=True)
+    choose = get_policy("vlmevalkit-head")[1]
+    return score(table.assign(extracted=[choose(pred[int(r["index"])], options(r, option_letters(df)))
+                                         for _, r in table.iterrows()]))
+
+
+def test_verbose_quirk_is_a_flag_and_policy_differences_are_listed(tsv, tmp_path):
+    """VLMEvalKit's VERBOSE quirk (more than 3 words with the word "A": unparsed) is off unless asked for, and
+    recorded; each policy's rows that differ from the chosen one are counted and named."""
+    df = read_benchmark(tsv)
+    pred = {**answers(df), 270: "A is right here"}  # index 270's answer is A
+    plain = write_results(df, pred, tmp_path / "plain", "MMBench_DEV_EN", "vlmevalkit-head", {})
+    assert plain["verbose_quirk"] is False and plain["circular"]["Overall"] == 1.0
+    assert plain["extraction"]["xtuner-regex"]["differs_from_vlmevalkit-head"] == 0
+    quirk = write_results(df, pred, tmp_path / "quirk", "MMBench_DEV_EN", "vlmevalkit-head", {}, verbose_quirk=True)
+    assert quirk["verbose_quirk"] is True and quirk["circular"]["Overall"] == pytest.approx(4 / 5)
+    assert quirk["extraction"]["xtuner-regex"] == {"unparsed": 0, "Z": 0, "differs_from_vlmevalkit-head": 1,
+                                                   "differs_at": [270]}
 
 
 def test_missing_rotation_shrinks_the_group_and_unknown_rows_are_dropped(tsv, tmp_path):

@@ -176,7 +176,8 @@ def cmd_mmbench(args) -> None:
     if args.visual_encoder:
         model_id += f":visual_encoder={path_fingerprint(args.visual_encoder)}"
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
-             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id)
+             args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id,
+             verbose_quirk=args.verbose_quirk)
 
 
 def cmd_chat(args) -> int:
@@ -295,6 +296,8 @@ def _add_mmbench(sub) -> None:
     m.add_argument("--work-dir", required=True)
     m.add_argument("--dataset", help="name used in output files (default: the TSV's stem)")
     m.add_argument("--policy", default="vlmeval", help="answer extraction: vlmeval (default), xtuner, or a full policy name")
+    m.add_argument("--verbose-quirk", action="store_true",
+                   help="extract as VLMEvalKit does with its VERBOSE variable set (changes scores; off in VLMEvalKit too)")
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--max-new-tokens", type=int, default=100)
     m.add_argument("--torch-dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")

@@ -60,18 +60,24 @@ def xtuner_regex(pred: str, choices: dict[str, str]) -> str:
     return m.group(1) if m else ""
 
 
-POLICIES = {
-    "vlmevalkit-2024": vlmevalkit("2024"),
-    "vlmevalkit-2025-08": vlmevalkit("2025-08"),
-    "vlmevalkit-head": vlmevalkit("head"),
-    "xtuner-regex": xtuner_regex,
-}
+VERSIONS = {"vlmevalkit-2024": "2024", "vlmevalkit-2025-08": "2025-08", "vlmevalkit-head": "head"}
+
+
+def policies(verbose_quirk: bool = False) -> dict:
+    """Every extraction policy by name. verbose_quirk: VLMEvalKit's behaviour with its VERBOSE environment
+    variable set (a prediction of more than 3 words containing the word "A" is unparsed), off by default
+    as in VLMEvalKit; the xtuner policy has no such switch."""
+    return {**{name: vlmevalkit(version, verbose_quirk) for name, version in VERSIONS.items()},
+            "xtuner-regex": xtuner_regex}
+
+
+POLICIES = policies()
 ALIASES = {"vlmeval": "vlmevalkit-head", "xtuner": "xtuner-regex"}
 DEFAULT_POLICY = "vlmeval"
 
 
-def get_policy(name: str):
+def get_policy(name: str, verbose_quirk: bool = False):
     canonical = ALIASES.get(name, name)
     if canonical not in POLICIES:
         raise ValueError(f"unknown extraction policy {name!r}; known: {sorted(POLICIES) + sorted(ALIASES)}")
-    return canonical, POLICIES[canonical]
+    return canonical, policies(verbose_quirk)[canonical]

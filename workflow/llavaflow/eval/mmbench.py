@@ -17,7 +17,7 @@ from ..atomic import atomic_output
 from ..constants import DEFAULT_IMAGE_TOKEN
 from ..identity import EVAL_CODE, code_hash
 from ..template import get_template
-from .extract import DEFAULT_POLICY, POLICIES, get_policy
+from .extract import DEFAULT_POLICY, get_policy, policies
 from .mmbench_data import (BenchmarkError, check_image_header, image_bytes, image_row, option_letters, options,
                            read_benchmark)
 from .predict import Predictor, Prompt
@@ -105,7 +105,7 @@ def predict_all(predictor: Predictor, prompts: list[Prompt], cache: Path, batch_
 
 def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path, dataset: str | None = None,
              template: str = "phi3_chat", policy: str = DEFAULT_POLICY, batch_size: int = 8,
-             max_new_tokens: int = 100, fast: bool = True, model_id: str = "") -> dict | None:
+             max_new_tokens: int = 100, fast: bool = True, model_id: str = "", verbose_quirk: bool = False) -> dict | None:
     """Evaluate one benchmark file; writes predictions, scores and a summary to work_dir (rank 0)."""
     tsv, work_dir = Path(tsv), Path(work_dir)
     dataset = dataset or tsv.stem
@@ -141,24 +141,26 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     missing = [p.key for p in prompts if p.key not in predictions]
     if missing:
         raise RuntimeError(f"{len(missing)} rows have no prediction (e.g. index {missing[0]})")
-    return write_results(df, predictions, work_dir, dataset, policy_name, settings)
+    return write_results(df, predictions, work_dir, dataset, policy_name, settings, verbose_quirk)
 
 
 def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path, dataset: str, policy: str,
-                  settings: dict) -> dict:
+                  settings: dict, verbose_quirk: bool = False) -> dict:
     """Extract, score and write every result file, each atomically, summary.json last: a run killed while
     writing leaves the old summary (or none), never a torn one beside new tables."""
     letters = option_letters(df)
     table = df.drop(columns=["image"]).reset_index(drop=True)
     table["prediction"] = [predictions[int(i)] for i in table["index"]]
+    by_policy = {name: [fn(p, options(row, letters)) for p, (_, row) in zip(table["prediction"], df.iterrows())]
+                 for name, fn in policies(verbose_quirk).items()}
+    table["extracted"] = by_policy[policy]
     counts = {}
-    for name, fn in POLICIES.items():
-        extracted = [fn(p, options(row, letters)) for p, (_, row) in zip(table["prediction"], df.iterrows())]
-        counts[name] = {"unparsed": sum(e == "" for e in extracted), "Z": sum(e == "Z" for e in extracted)}
-        if name == policy:
-            table["extracted"] = extracted
-    summary = {"dataset": dataset, "policy": policy, **settings, "rows": len(table), "extraction": counts,
-               "input_issues": df.attrs.get("input_issues", {})}
+    for name, extracted in by_policy.items():
+        differs = [int(i) for i, e, chosen in zip(table["index"], extracted, by_policy[policy]) if e != chosen]
+        counts[name] = {"unparsed": sum(e == "" for e in extracted), "Z": sum(e == "Z" for e in extracted),
+                        f"differs_from_{policy}": len(differs), "differs_at": differs[:20]}  # the first 20 rows
+    summary = {"dataset": dataset, "policy": policy, "verbose_quirk": verbose_quirk, **settings, "rows": len(table),
+               "extraction": counts, "input_issues": df.attrs.get("input_issues", {})}
     if scorable(df):
         scores = score(table)
         summary.update(scores)

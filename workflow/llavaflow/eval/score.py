@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 L2_ABBREVIATIONS = {
@@ -82,11 +83,30 @@ def score(table: pd.DataFrame) -> dict:
     split = names[0] if len(names) == 1 else "all"
     vanilla_all = table.assign(hit=(table["extracted"] == table["answer"]).astype(int))
     vanilla_0 = vanilla_all[vanilla_all["index"] < 1_000_000]
-    return {
+    scores = {
         "circular": breakdown(circ, split), "vanilla_0": breakdown(vanilla_0, split),
         "vanilla_all": breakdown(vanilla_all, split), "questions": int(len(circ)), "rows": int(len(table)),
         "acc_rows": per_split(circ),
     }
+    # Beyond VLMEvalKit (mmbench.md §11.5): how much circular evaluation costs and how sure the figure is.
+    overall = scores["vanilla_all"]["Overall"], scores["circular"]["Overall"]
+    scores["consistency_gap"] = overall[0] - overall[1] if None not in overall else None
+    rotation = vanilla_all["index"] // 1_000_000  # 0: the main rows, k: the k-th shift of the options
+    scores["per_rotation"] = {str(int(k)): float(v) for k, v in vanilla_all.groupby(rotation)["hit"].mean().items()}
+    scores["circular_ci95"] = bootstrap_ci(circ["hit"].to_numpy())
+    if "source" in circ.columns:
+        scores["circular_by_source"] = {str(k): float(v) for k, v in circ.groupby("source")["hit"].mean().items()}
+    return scores
+
+
+def bootstrap_ci(hits: np.ndarray, samples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean over questions (resampled with replacement, a fixed seed so
+    that a rerun reports the same interval); None without questions."""
+    if not len(hits):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.asarray(hits, dtype=float)[rng.integers(0, len(hits), size=(samples, len(hits)))].mean(axis=1)
+    return [float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2])]
 
 
 def write_acc_csv(path: Path, rows: list[dict]) -> None:
