@@ -141,6 +141,25 @@ def test_iter_hf_with_transformers_4x_processor(hf4, converted, reference):
     assert got["generated"] == reference["generated"]
 
 
+def test_bf16_export_loads_whole_in_bf16_with_dtype_auto_in_4x(hf4, converted, reference, tmp_path):
+    """iter_hf as the pipeline writes it (bf16, from an fp32 visual_encoder/) loaded as its users would, with
+    torch_dtype="auto": every part in bf16 (4.57 took the vision tower's float32 from its config and failed
+    on the fp32 x bf16 product)."""
+    from llavaflow.convert.exports import to_hf
+
+    version, python = hf4
+    out = converted["out"]
+    to_hf(out / "iter_xtuner_llama_llm", out / "iter_xtuner" / "visual_encoder",
+          out / "iter_xtuner" / "projector" / "model.safetensors", tmp_path / "iter_hf", dtype="bf16")
+    work = reference["work"]
+    got = run_consumer(python, "hf_llava.py", tmp_path / "iter_hf", work / "messages.json", work / "image.png",
+                       tmp_path / "out.safetensors", "auto")
+    assert got["transformers"] == version and got["dtypes"] == ["torch.bfloat16"]
+    logits = load_file(tmp_path / "out.safetensors")["logits"]
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=0.1)  # bf16 weights and arithmetic
+
+
 XTUNER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "xtuner-0.2.0"
 
 

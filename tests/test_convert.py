@@ -350,3 +350,41 @@ def test_layer_minus3_through_stock_transformers(tiny, tokenizer, tmp_path):
         ref = model(torch.tensor([ids]), pixel_values=pixels).logits
         got = hf(input_ids=torch.tensor([hf_ids]), pixel_values=pixels).logits
     torch.testing.assert_close(got[..., : ref.shape[-1]], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_config_facts_that_only_a_real_hub_model_carries_reach_every_consumer_form(tiny, converted, tmp_path):
+    """What the tiny models lack and real ones have: Phi-3's hub config names remote code (auto_map), a Llama
+    config saved by transformers 5 keeps its rope in rope_parameters, old CLIP checkpoints hold int64
+    position_ids. None may reach an output wrongly."""
+    from transformers import AutoModelForCausalLM
+
+    from llavaflow.convert.exports import _legacy_text_config
+    from llavaflow.convert.io import ShardWriter
+
+    llm = tmp_path / "phi3_with_auto_map"
+    shutil.copytree(tiny["llm"], llm)
+    cfg = json.loads((llm / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config",
+                       "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    (llm / "config.json").write_text(json.dumps(cfg))
+    pth_to_hf(converted["out"] / "iter_9.pth", tmp_path / "iter_xtuner", str(llm), str(tiny["vit"]), dtype="fp32")
+    assert "auto_map" not in json.loads((tmp_path / "iter_xtuner" / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(tmp_path / "iter_xtuner", trust_remote_code=True)  # as xtuner chat loads it
+
+    five = {"model_type": "llama", "vocab_size": 10, "dtype": "bfloat16",
+            "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}}
+    legacy = _legacy_text_config(five, "bfloat16")
+    assert legacy["rope_theta"] == 500000.0 and legacy["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
+    plain = _legacy_text_config({"model_type": "llama", "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}},
+                                "float32")
+    assert plain["rope_theta"] == 1e4 and plain["rope_scaling"] is None and "rope_parameters" not in plain
+
+    (tmp_path / "shards").mkdir()
+    writer = ShardWriter(tmp_path / "shards", 1 << 20)
+    writer.add("position_ids", torch.arange(577)[None], torch.bfloat16)
+    writer.add("weight", torch.full((2,), 1.0 / 3), torch.bfloat16)
+    writer.close()
+    [shard] = (tmp_path / "shards").glob("*.safetensors")
+    written = load_file(shard)
+    assert written["position_ids"].dtype == torch.int64 and torch.equal(written["position_ids"], torch.arange(577)[None])
+    assert written["weight"].dtype == torch.bfloat16

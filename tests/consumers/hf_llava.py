@@ -5,7 +5,9 @@ AutoProcessor builds the prompt (chat template) and the inputs from our files, t
 and a greedy continuation. One JSON line goes to stdout; logits and pixels go to a safetensors file.
 The test compares them with what transformers 5.x gives in the main environment.
 
-usage: python hf_llava.py FOLDER MESSAGES.json IMAGE OUT.safetensors
+usage: python hf_llava.py FOLDER MESSAGES.json IMAGE OUT.safetensors [auto]
+With `auto` the model loads in the dtype its config says (torch_dtype="auto", as a user of a bf16 export
+would load it) instead of fp32; the logits are then cast to fp32 for the file.
 """
 
 import json
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoProcessor
 
 folder, messages_path, image_path, out_path = sys.argv[1:5]
+dtype = "auto" if sys.argv[5:] == ["auto"] else torch.float32
 messages = json.loads(open(messages_path).read())
 
 processor = AutoProcessor.from_pretrained(folder)
@@ -28,17 +31,17 @@ try:
     from transformers import AutoModelForImageTextToText as ModelClass
 except ImportError:  # before 4.46
     from transformers import LlavaForConditionalGeneration as ModelClass
-model, info = ModelClass.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
+model, info = ModelClass.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
 model.eval()
 with torch.no_grad():
     logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 
-save_file({"logits": logits.contiguous(), "pixel_values": inputs["pixel_values"].float().contiguous()}, out_path)
+save_file({"logits": logits.float().contiguous(), "pixel_values": inputs["pixel_values"].float().contiguous()}, out_path)
 print(json.dumps({
     "transformers": transformers.__version__, "processor": type(processor).__name__,
     "tokenizer": type(processor.tokenizer).__name__, "image_processor": type(processor.image_processor).__name__,
-    "model_class": type(model).__name__, "prompt": prompt, "input_ids": inputs["input_ids"][0].tolist(),
+    "model_class": type(model).__name__, "dtypes": sorted({str(p.dtype) for p in model.parameters()}), "prompt": prompt, "input_ids": inputs["input_ids"][0].tolist(),
     "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
     "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
     "generated": generated[0, inputs["input_ids"].shape[1]:].tolist(),

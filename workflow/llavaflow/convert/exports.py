@@ -105,8 +105,13 @@ def _write_weights(out: Path, table: dict, text_model, vision_model, projector_w
 
 
 def _legacy_text_config(cfg: dict, dtype: str) -> dict:
+    """The Llama config in 4.x spelling (rope_theta, rope_scaling, torch_dtype), from either spelling: a
+    5.x config keeps theta and any scaling in rope_parameters, which 4.x readers do not know."""
+    rope = {k: v for k, v in (cfg.get("rope_parameters") or {}).items() if k != "rope_theta"}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     text = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype", "_name_or_path", "architectures")}
-    text.update(rope_theta=cfg.get("rope_theta", 10000.0), rope_scaling=None, torch_dtype=dtype)
+    text.update(rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_scaling=scaling, torch_dtype=dtype)
     return text
 
 
@@ -132,8 +137,10 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
     clip_proc = CLIPImageProcessor.from_pretrained(vision_model)
     torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    vision = vision_cfg.to_dict()
-    vision.update(model_type="clip_vision_model")
+    vision = {k: v for k, v in vision_cfg.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    # the tower's tensors are written in `dtype` too: a vision_config still saying the source's float32 makes
+    # transformers 4.57 load the tower in fp32 beside a bf16 projector under torch_dtype="auto" (a dtype error)
+    vision.update(model_type="clip_vision_model", torch_dtype=torch_dtype)
     size = clip_proc.crop_size["height"]
     preprocessor = {
         "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_pad": True,

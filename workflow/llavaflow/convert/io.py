@@ -82,7 +82,8 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         if name in self.names:
             raise ConversionError(f"tensor {name} written twice")
-        dtype = dtype or tensor.dtype
+        # the export dtype is for weights: an integer buffer (an old CLIP's position_ids) keeps its values
+        dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         size = tensor.numel() * dtype.itemsize
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
