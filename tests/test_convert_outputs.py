@@ -105,6 +105,21 @@ def test_cli_overwrite_flag(converted, tmp_path):
     assert snapshot(out) == snapshot(converted["out"] / "iter_xtuner_llama_llm")
 
 
+def test_overwrite_replaces_a_file_with_the_folder_and_a_failed_publish_leaves_no_temporary(tmp_path):
+    from llavaflow.atomic import OutputError, atomic_output
+
+    out = tmp_path / "afile"
+    out.write_text("data")
+    with atomic_output(out, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert out.is_dir() and (out / "model.safetensors").read_bytes() == b"x"
+    with pytest.raises(OutputError):
+        with atomic_output(tmp_path / "late") as tmp:
+            (tmp / "a").write_text("a")
+            (tmp_path / "late").write_text("appeared meanwhile")  # refused at the rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "late"]  # no .late.tmp-PID left
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

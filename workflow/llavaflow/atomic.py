@@ -93,16 +93,22 @@ def atomic_output(out: str | Path, *, folder: bool = True, inputs=(), overwrite:
     except BaseException:
         _remove(tmp)
         raise
-    check_output(out, inputs, overwrite)  # something may have appeared there meanwhile
-    if out.is_dir() and not out.is_symlink():
-        # os.replace cannot replace a non-empty folder. Should we die between the two renames, the old
-        # folder stays as .NAME.old-PID (never removed automatically: it may hold the user's data).
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    try:
+        check_output(out, inputs, overwrite)  # something may have appeared there meanwhile
+        if out.is_dir() and not out.is_symlink():
+            # os.replace cannot replace a non-empty folder. Should we die between the two renames, the old
+            # folder stays as .NAME.old-PID (never removed automatically: it may hold the user's data).
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+            return
+        if folder and (out.is_symlink() or out.exists()):
+            out.unlink()  # a file or link replaced by a folder (overwrite was given: check_output passed)
         os.replace(tmp, out)
-        shutil.rmtree(old)
-        return
-    os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def fsync_tree(folder: str | Path) -> None:
