@@ -22,7 +22,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -57,6 +57,18 @@ class Entry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Entry":
+        """An entry with its keys and paths checked: dest and extract_to stay inside the download root."""
+        if not isinstance(d, dict):
+            raise DownloadError(f"a download entry is a mapping of keys, got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DownloadError(f"download entry {d.get('dest')!r}: unknown key(s) {unknown}; known: {sorted(known)}")
+        for key in ("dest", "extract_to"):
+            value = d.get(key)
+            if value is not None and (PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts):
+                raise DownloadError(f"download entry {d.get('dest')!r}: {key} {value!r} must be a path inside the "
+                                    "download root (relative, no '..')")
         return cls(**d)
 
 
@@ -247,6 +259,10 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
     if verified(dest, entry):
         how = "already in place"
     else:
+        if dest.exists():  # not what the checksum says: an older version, or someone's file; kept, never replaced
+            aside = dest.with_name(f"{dest.name}.unverified-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(dest, aside)
+            log.warning("%s does not match its %s: moved aside as %s before fetching it", dest, _checksum(entry)[0], aside)
         errors = []
         for url in [entry.url, *entry.mirrors]:
             try:
