@@ -209,6 +209,23 @@ def test_checksum_mismatch_keeps_the_file_aside(server, tmp_path):
     assert not (tmp_path / "c.tsv").exists() and (tmp_path / "c.tsv.bad").read_bytes() == b"tampered"
 
 
+def test_entries_stay_inside_the_root_and_a_file_already_there_is_kept(server, tmp_path):
+    """A dest or extract_to outside --root is refused by name; a file at dest that fails the checksum (an old
+    version, someone's file) is moved aside, not replaced."""
+    for bad in ({"dest": "../escaped.txt", "url": "u"}, {"dest": "/abs.txt", "url": "u"},
+                {"dest": "a.zip", "url": "u", "extract": True, "extract_to": "../out"}):
+        with pytest.raises(DownloadError, match=r"must be a path inside the download root"):
+            Entry.from_dict(bad)
+    with pytest.raises(DownloadError, match=r"download entry 'a.txt': unknown key\(s\) \['foo'\]"):
+        Entry.from_dict({"dest": "a.txt", "url": "u", "foo": 1})
+    server.files["/u.txt"] = b"served"
+    (tmp_path / "u.txt").write_bytes(b"user content")
+    download([Entry(dest="u.txt", url=server.url + "/u.txt", md5=md5(b"served"))], tmp_path)
+    assert (tmp_path / "u.txt").read_bytes() == b"served"
+    [aside] = tmp_path.glob("u.txt.unverified-*")
+    assert aside.read_bytes() == b"user content"
+
+
 def test_unchanged_rerun_transfers_nothing(server, tmp_path):
     server.files["/d.bin"] = PAYLOAD
     entry = Entry(dest="d.bin", url=server.url + "/d.bin", md5=md5(PAYLOAD))
@@ -305,6 +322,24 @@ def test_data_check_reports_missing_broken_and_truncated_images(tmp_path):
     counts = check_data(src, report, on_bad_sample="skip")
     assert counts[str(ann)] == {"samples": 5, "with_image": 5, "bad_images": 3, "malformed": 1}
     assert report.read_text().splitlines() == lines and not kept.exists()
+
+
+def test_data_check_never_writes_over_its_inputs(tmp_path):
+    from llavaflow.atomic import OutputError
+    from llavaflow.cli import main
+
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps({"id": 1, "conversations": [{"from": "human", "value": "hi"},
+                                                          {"from": "gpt", "value": "yo"}]}) + "\n")
+    before = ann.read_bytes()
+    sources = [{"annotation": str(ann), "image_folder": str(tmp_path)}]
+    with pytest.raises(OutputError, match=r"a.jsonl: the output is or contains the input"):
+        check_data(sources, ann)
+    assert main(["check-data", "--sources", json.dumps(sources), "--report", str(tmp_path / "r.tsv"),
+                 "--out", str(ann)]) == 1
+    assert main(["check-data", "--sources", '{"annotation": 1}', "--report", str(tmp_path / "r.tsv"),
+                 "--out", str(tmp_path / "o.json")]) == 1
+    assert ann.read_bytes() == before and not (tmp_path / "o.json").exists()
 
 
 def test_the_real_presets_data_rules_rerun_for_new_bytes_only(server, tmp_path):

@@ -450,3 +450,29 @@ def test_results_are_replaced_whole_and_formula_like_text_stays_text(tsv, tmp_pa
     (out / "summary.json").write_text('{"dataset": "MMBench_DEV_EN", "ro')  # a torn file
     with pytest.raises(ReportError, match=r"summary.json: not a readable evaluation summary"):
         mmbench_table([out / "summary.json"])
+
+
+def test_a_bad_setting_or_another_datasets_work_dir_is_refused_before_the_cache_is_touched(tsv, tmp_path):
+    """A template typo or a zero batch size used to clear the prediction cache and then fail; a work dir holding
+    another dataset's results, or result files of someone else's, used to be written over."""
+    from llavaflow.eval.mmbench import evaluate
+
+    work = tmp_path / "work"
+    (work / "cache").mkdir(parents=True)
+    cached = '{"index": 241, "prediction": "B"}\n'
+    (work / "cache" / "predictions.rank0.jsonl").write_text(cached)
+    (work / "cache" / "settings.json").write_text("{}")
+    for kwargs, expected in (({"template": "phi3_chatt"}, "unknown prompt template 'phi3_chatt'"),
+                             ({"batch_size": 0}, "batch_size must be at least 1")):
+        with pytest.raises(ValueError, match=expected):
+            evaluate(None, None, None, tsv, work, **kwargs)
+    (work / "summary.json").write_text(json.dumps({"dataset": "CCBench"}))
+    with pytest.raises(ValueError, match=r"work: holds the results of CCBench, not MMBench_DEV_EN; give each dataset"):
+        evaluate(None, None, None, tsv, work)
+    assert (work / "cache" / "predictions.rank0.jsonl").read_text() == cached
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "predictions.csv").write_text("my results")
+    with pytest.raises(ValueError, match=r"theirs: holds predictions.csv, which no evaluation of ours wrote"):
+        evaluate(None, None, None, tsv, theirs)
+    assert (theirs / "predictions.csv").read_text() == "my results"

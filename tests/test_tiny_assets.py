@@ -175,3 +175,23 @@ def test_build_is_deterministic(tiny, tmp_path):
                 "data/finetune/conversations.jsonl", "data/pretrain/captions.json"):
         assert filecmp.cmp(tiny["root"] / "assets" / rel, tmp_path / "assets" / rel, shallow=False), rel
     assert filecmp.cmp(tiny["mmbench"] / "MMBench_DEV_EN.tsv", tmp_path / "mmbench" / "MMBench_DEV_EN.tsv", shallow=False)
+
+
+def test_build_replaces_nothing_it_did_not_build(tmp_path):
+    """--out with someone's files, or a TSV of a benchmark's name already there (a real file would be replaced by a
+    synthetic one and scored as it): refused before anything is built, unless --overwrite."""
+    from llavaflow.atomic import OutputError
+    from llavaflow.tiny import build_tiny_assets
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    real = tmp_path / "mmbench"
+    real.mkdir()
+    (real / "MMBench_DEV_EN.tsv").write_text("the real benchmark")
+    with pytest.raises(OutputError, match=r"mine: exists and is not empty; pass --overwrite"):
+        build_tiny_assets(mine, tmp_path / "other", ["MMBench_DEV_EN"])
+    with pytest.raises(OutputError, match=r"MMBench_DEV_EN.tsv: exists; pass --overwrite"):
+        build_tiny_assets(tmp_path / "new", real, ["CCBench", "MMBench_DEV_EN"])
+    assert (mine / "notes.md").read_text() == "mine" and (real / "MMBench_DEV_EN.tsv").read_text() == "the real benchmark"
+    assert not (tmp_path / "new").exists() and not (real / "CCBench.tsv").exists() and not (tmp_path / "other").exists()

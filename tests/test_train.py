@@ -456,6 +456,24 @@ def test_what_would_train_for_nothing_or_lose_data_is_refused_before_training(ti
         train(rec, work_dir=user / "work", output=user, overwrite=True)
     assert (user / "notes.txt").read_text() == "mine" and not (tmp_path / "w").exists()
 
+    # a typo in an input, a work dir that is not ours or that holds an input: refused before the work dir moves
+    work = tmp_path / "w_ours"
+    work.mkdir()
+    (work / "fingerprint.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"recipe key llm: .*llm_typo: no such file or folder"):
+        train(Recipe(**recipe(tiny, datasets=subset, llm=str(tiny["llm"]) + "_typo")), work_dir=work, output=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"recipe key datasets\[0\].annotation: .*nope.jsonl: no such file"):
+        train(Recipe(**recipe(tiny, datasets=[{"annotation": str(tmp_path / "nope.jsonl")}])), work_dir=work,
+              output=tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.glob("w_ours*")) == ["w_ours"]  # not set aside
+    with pytest.raises(ValueError, match=r"user_stuff: not empty and not a work dir of ours"):
+        train(rec, work_dir=user, output=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"the work dir is or contains the input"):
+        train(rec, work_dir=tiny["root"], output=tmp_path / "o")
+    assert (user / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("user_stuff.stale-*"))
+    # all refused before a process group exists (a group left in this process would leak into later tests)
+    assert not torch.distributed.is_initialized() and "RANK" not in __import__("os").environ
+
     proc = torchrun(1, recipe(tiny, datasets=subset, micro_batch_size=8, accumulative_counts=8, save_steps=8),
                     tmp_path / "w", tmp_path / "o", check=False)  # 48 samples: 6 iterations
     assert proc.returncode != 0 and ("finetune: 6 iteration(s) (48 samples, micro_batch_size 8, 1 rank(s), 1 epoch(s)) "
@@ -482,6 +500,23 @@ def test_a_published_checkpoint_is_replaced_by_a_rerun_and_nothing_else_is(tmp_p
     with pytest.raises(OutputError, match="final.pth: exists and is not empty"):
         publish(ckpt, out)
     assert (out / "README.md").exists()
+
+
+def test_recipe_files_with_bad_values_are_named(tmp_path):
+    from llavaflow.cli import ArgumentError, _load_recipe
+
+    base = {"stage": "pretrain", "llm": "a", "visual_encoder": "b", "datasets": [], "train": ["projector"]}
+    cases = [('{"stage": "pretrain",\n', r"r0.json: not a readable recipe \(JSONDecodeError"),
+             (json.dumps({**base, "lr": "fast"}), r"r1.json: recipe key lr: expected float, got 'fast'"),
+             (json.dumps({**base, "micro_batch_size": 0}), r"r2.json: recipe key micro_batch_size: must be at least 1"),
+             (json.dumps({"stage": "pretrain"}), r"r3.json: recipe key\(s\) \['llm', 'visual_encoder', 'datasets', 'train'\]: missing"),
+             (json.dumps([base]), r"r4.json: a recipe is a mapping of keys, got list")]
+    for i, (text, expected) in enumerate(cases):
+        (tmp_path / f"r{i}.json").write_text(text)
+        with pytest.raises(ArgumentError, match=expected):
+            _load_recipe(str(tmp_path / f"r{i}.json"))
+    with pytest.raises(ArgumentError, match=r"--set: not valid JSON"):
+        _load_recipe(json.dumps(base), "{lr: 1}")
 
 
 def test_fsync_tree_flushes_every_file_and_folder(tmp_path, monkeypatch):

@@ -9,18 +9,41 @@ import sys
 from pathlib import Path
 
 
+class ArgumentError(ValueError):
+    """A command-line value that cannot be used, named by its flag or file."""
+
+
+def _json_arg(flag: str, text: str, kind: type):
+    """A JSON command-line value of the given kind, or an error naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"{flag}: not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise ArgumentError(f"{flag}: expected a JSON {'list' if kind is list else 'object'}, got {type(value).__name__}")
+    return value
+
+
 def _load_recipe(value: str, overrides: str | None = None):
     import yaml
 
     from .train.recipe import Recipe
 
     if value.lstrip().startswith("{"):
-        data = json.loads(value)
+        data, where = _json_arg("--recipe", value, dict), "--recipe"
     else:
-        path = Path(value)
-        # YAML 1.1 reads 1e-8 as a string, so JSON files go through the JSON parser.
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    return Recipe.from_dict({**data, **(json.loads(overrides) if overrides else {})})
+        path = where = Path(value)
+        try:
+            # YAML 1.1 reads 1e-8 as a string, so JSON files go through the JSON parser.
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise ArgumentError(f"{path}: not a readable recipe ({explain(e)})") from None
+        if not isinstance(data, dict):
+            raise ArgumentError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.from_dict({**data, **(_json_arg("--set", overrides, dict) if overrides else {})})
+    except ValueError as e:
+        raise ArgumentError(f"{where}: {e}") from None
 
 
 def cmd_train(args) -> None:
@@ -32,7 +55,7 @@ def cmd_train(args) -> None:
 def cmd_build_tiny(args) -> None:
     from .tiny import build_tiny_assets
 
-    build_tiny_assets(Path(args.out), Path(args.mmbench_dir), args.datasets, seed=args.seed)
+    build_tiny_assets(Path(args.out), Path(args.mmbench_dir), args.datasets, seed=args.seed, overwrite=args.overwrite)
 
 
 def _folder(text: str) -> str:
@@ -40,6 +63,16 @@ def _folder(text: str) -> str:
     if not Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(f"{text}: no such folder")
     return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _model_ref(text: str) -> str:
@@ -177,7 +210,7 @@ def cmd_mmbench(args) -> None:
         model_id += f":visual_encoder={path_fingerprint(args.visual_encoder)}"
     evaluate(model, tokenizer, transform, args.data_path, args.work_dir, args.dataset, args.prompt_template,
              args.policy, args.batch_size, args.max_new_tokens, fast=not args.no_fast_path, model_id=model_id,
-             verbose_quirk=args.verbose_quirk)
+             verbose_quirk=args.verbose_quirk, overwrite=args.overwrite)
 
 
 def cmd_chat(args) -> int:
@@ -245,7 +278,7 @@ def cmd_download(args) -> None:
     from .download import Entry, download
 
     if args.entries:
-        raw = json.loads(args.entries)
+        raw = _json_arg("--entries", args.entries, list)
     else:
         sections = (yaml.safe_load(Path(args.config).read_text()) or {}).get("downloads") or {}
         if args.section not in sections:
@@ -262,9 +295,14 @@ def cmd_download(args) -> None:
 def cmd_check_data(args) -> None:
     from .data.check import check_data
 
-    sources = json.loads(args.sources)
+    from .atomic import atomic_output, check_output
+
+    sources = _json_arg("--sources", args.sources, list)
+    inputs = [src.get(k) for src in sources if isinstance(src, dict) for k in ("annotation", "image_folder")]
+    check_output(Path(args.out), inputs, overwrite=True)  # before the check: the counts never replace an input
     counts = check_data(sources, args.report, args.on_bad_sample)
-    Path(args.out).write_text(json.dumps(counts, indent=1))
+    with atomic_output(Path(args.out), folder=False, inputs=inputs, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(counts, indent=1))
 
 
 def _add_download(sub) -> None:
@@ -298,8 +336,10 @@ def _add_mmbench(sub) -> None:
     m.add_argument("--policy", default="vlmeval", help="answer extraction: vlmeval (default), xtuner, or a full policy name")
     m.add_argument("--verbose-quirk", action="store_true",
                    help="extract as VLMEvalKit does with its VERBOSE variable set (changes scores; off in VLMEvalKit too)")
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--max-new-tokens", type=int, default=100)
+    m.add_argument("--batch-size", type=_positive, default=16)
+    m.add_argument("--max-new-tokens", type=_positive, default=100)
+    m.add_argument("--overwrite", action="store_true",
+                   help="use a --work-dir holding another dataset's results or files that are not ours")
     m.add_argument("--torch-dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto")
     m.add_argument("--no-fast-path", action="store_true", help="always decode to the end (for comparisons)")
     m.set_defaults(func=cmd_mmbench)
@@ -358,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mmbench-dir", required=True)
     b.add_argument("--datasets", nargs="+", required=True)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out and TSVs of the same names")
     b.set_defaults(func=cmd_build_tiny)
     _add_convert(sub)
     _add_mmbench(sub)

@@ -20,13 +20,13 @@ import io
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from .atomic import atomic_output, check_output
 from .constants import PHI3_ADDED_TOKENS
 from .eval.prompt import mcq_text
 
@@ -328,15 +328,22 @@ def build_vision(out: Path, seed: int):
 
 def build_tiny_assets(out: Path, mmbench_dir: Path, datasets: list[str], seed: int = 0,
                       n_pretrain: int = 400, n_finetune: int = 6400, n_questions: int = 48,
-                      mc_style: str = "option_letter") -> None:
-    """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir."""
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    texts = make_training_data(out / "data", n_pretrain, n_finetune, seed, mc_style)
-    for name in datasets:
-        make_mmbench_tsv(Path(mmbench_dir) / f"{name}.tsv", name, n_questions, seed + 1 + len(name))
-    corpus = texts + [CN[k] for k in CN] + [mcq_text(q, {"A": "x"}) for mc in MC_QUESTIONS for q in mc[:2]]
-    tokenizer = build_tokenizer(out / "llm", corpus, seed)
-    build_llm(out / "llm", tokenizer, seed)
-    build_vision(out / "vit", seed)
+                      mc_style: str = "option_letter", overwrite: bool = False) -> None:
+    """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir.
+
+    An existing `out`, or a TSV of that name (a real benchmark file would be replaced by a synthetic one
+    and scored as it), is refused unless `overwrite`; everything appears whole or not at all."""
+    out, mmbench_dir = Path(out), Path(mmbench_dir)
+    tsvs = [mmbench_dir / f"{name}.tsv" for name in datasets]
+    for tsv in tsvs:  # all checked before anything is built
+        check_output(tsv, overwrite=overwrite)
+    check_output(out, inputs=[mmbench_dir], overwrite=overwrite)
+    with atomic_output(out, inputs=[mmbench_dir], overwrite=overwrite) as tmp:
+        texts = make_training_data(tmp / "data", n_pretrain, n_finetune, seed, mc_style)
+        corpus = texts + [CN[k] for k in CN] + [mcq_text(q, {"A": "x"}) for mc in MC_QUESTIONS for q in mc[:2]]
+        tokenizer = build_tokenizer(tmp / "llm", corpus, seed)
+        build_llm(tmp / "llm", tokenizer, seed)
+        build_vision(tmp / "vit", seed)
+    for name, tsv in zip(datasets, tsvs):
+        with atomic_output(tsv, folder=False, overwrite=overwrite) as tmp:
+            make_mmbench_tsv(tmp, name, n_questions, seed + 1 + len(name))

@@ -61,7 +61,8 @@ def check_data(sources: list[dict], report: str | Path, on_bad_sample: str = "er
                                      "malformed": malformed + len(conversations)}
         log.info("%s: %d samples, %d with an image, %d bad images", src["annotation"], len(records), len(with_image), len(bad))
     failing = bool(rows) and on_bad_sample != "skip"
-    with atomic_output(failed_report(report) if failing else report, folder=False, overwrite=True) as tmp:
+    inputs = [src[k] for src in sources for k in ("annotation", "image_folder") if src.get(k)]
+    with atomic_output(failed_report(report) if failing else report, folder=False, inputs=inputs, overwrite=True) as tmp:
         tmp.write_text("file\tline\tid\timage\tproblem\n" + "".join(r + "\n" for r in rows))
     if failing:
         where, image, problem = rows[0].split("\t")[0:2], rows[0].split("\t")[3], rows[0].split("\t")[4]

@@ -105,15 +105,24 @@ def predict_all(predictor: Predictor, prompts: list[Prompt], cache: Path, batch_
 
 def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path, dataset: str | None = None,
              template: str = "phi3_chat", policy: str = DEFAULT_POLICY, batch_size: int = 8,
-             max_new_tokens: int = 100, fast: bool = True, model_id: str = "", verbose_quirk: bool = False) -> dict | None:
-    """Evaluate one benchmark file; writes predictions, scores and a summary to work_dir (rank 0)."""
+             max_new_tokens: int = 100, fast: bool = True, model_id: str = "", verbose_quirk: bool = False,
+             overwrite: bool = False) -> dict | None:
+    """Evaluate one benchmark file; writes predictions, scores and a summary to work_dir (rank 0).
+
+    work_dir holds one dataset's results: one holding another dataset's, or result files that no
+    evaluation of ours wrote, is refused unless `overwrite`."""
     tsv, work_dir = Path(tsv), Path(work_dir)
     dataset = dataset or tsv.stem
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     policy_name, _ = get_policy(policy)
+    prompt_template = get_template(template)
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     df = read_benchmark(tsv)
     prompts = build_prompts(df)
+    _check_work_dir(work_dir, dataset, overwrite)  # all of the above before the cache could be cleared
     work_dir.mkdir(parents=True, exist_ok=True)
     # Everything a cached prediction depends on: new code, another dtype or batching predicts afresh.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -129,7 +138,7 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
             tmp.write_text(json.dumps(settings, sort_keys=True))
     if world > 1:
         torch.distributed.barrier()
-    predictor = Predictor(model, tokenizer, transform, get_template(template), max_new_tokens)
+    predictor = Predictor(model, tokenizer, transform, prompt_template, max_new_tokens)
     predict_all(predictor, prompts, cache_dir / f"predictions.rank{rank}.jsonl", batch_size, fast, rank, world)
     if world > 1:
         torch.distributed.barrier()
@@ -142,6 +151,28 @@ def evaluate(model, tokenizer, transform, tsv: str | Path, work_dir: str | Path,
     if missing:
         raise RuntimeError(f"{len(missing)} rows have no prediction (e.g. index {missing[0]})")
     return write_results(df, predictions, work_dir, dataset, policy_name, settings, verbose_quirk)
+
+
+RESULT_FILES = ("summary.json", "predictions.csv", "predictions.xlsx", "mmbench_result.json")
+
+
+def _check_work_dir(work_dir: Path, dataset: str, overwrite: bool) -> None:
+    if overwrite or not work_dir.is_dir():
+        return
+    summary = work_dir / "summary.json"
+    if summary.exists():
+        try:
+            theirs = json.loads(summary.read_text()).get("dataset")
+        except (json.JSONDecodeError, AttributeError):
+            theirs = None
+        if theirs != dataset:
+            raise ValueError(f"{work_dir}: holds the results of {theirs or 'an unreadable summary.json'}, not {dataset}; "
+                             "give each dataset its own --work-dir (or pass --overwrite)")
+        return
+    present = [name for name in RESULT_FILES if (work_dir / name).exists()]
+    if present and not (work_dir / "cache" / "settings.json").exists():
+        raise ValueError(f"{work_dir}: holds {', '.join(present)}, which no evaluation of ours wrote (no summary.json "
+                         "or cache); choose another --work-dir (or pass --overwrite)")
 
 
 def write_results(df: pd.DataFrame, predictions: dict[int, str], work_dir: Path, dataset: str, policy: str,

@@ -209,9 +209,11 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path, overwrite
     is or holds the work dir or an input is refused either way, before any training."""
     work_dir, output = Path(work_dir), Path(output)
     validate(recipe)
-    inputs = [work_dir, recipe.llm, recipe.visual_encoder, recipe.init_from,
+    inputs = [recipe.llm, recipe.visual_encoder, recipe.init_from,
               *(d[k] for d in recipe.datasets for k in ("annotation", "image_folder") if d.get(k))]
-    resume_state.check_publish_target(output, inputs, overwrite)
+    _check_inputs(recipe, work_dir, inputs)  # before the work dir is touched: a typo must not set it aside
+    resume_state.check_work_dir_is_ours(work_dir)
+    resume_state.check_publish_target(output, [work_dir, *inputs], overwrite)
     rank, world, device = init_distributed(group_of_one=True)
     fingerprint = {"recipe": recipe.fingerprint(world), "world_size": world, "stage": recipe.stage,
                    "code": code_hash(*TRAIN_CODE), "inputs": input_identity(recipe)}
@@ -236,6 +238,26 @@ def train(recipe: Recipe, *, work_dir: str | Path, output: str | Path, overwrite
     # NCCL warns of leaked resources otherwise; only after a clean finish (a failed rank's peers may still
     # be inside a collective, and torchrun ends them)
     torch.distributed.destroy_process_group()
+
+
+def _check_inputs(recipe: Recipe, work_dir: Path, inputs: list) -> None:
+    """Every local input exists (a base model may also be a hub id, 'org/name'), and none is the work dir or
+    inside it: a work dir for another configuration is set aside whole."""
+    for key in ("llm", "visual_encoder", "init_from"):
+        value = getattr(recipe, key)
+        hub_id = key != "init_from" and not value.startswith(("/", ".", "~")) and value.count("/") == 1
+        if value and not hub_id and not Path(value).expanduser().exists():
+            raise ValueError(f"recipe key {key}: {value}: no such file or folder")
+    for i, d in enumerate(recipe.datasets):
+        if not Path(d["annotation"]).is_file():
+            raise ValueError(f"recipe key datasets[{i}].annotation: {d['annotation']}: no such file")
+        if d.get("image_folder") and not Path(d["image_folder"]).is_dir():
+            raise ValueError(f"recipe key datasets[{i}].image_folder: {d['image_folder']}: no such folder")
+    target = work_dir.resolve()
+    for given in filter(None, inputs):
+        inp = Path(given).expanduser().resolve()
+        if inp == target or target in inp.parents:
+            raise ValueError(f"{work_dir}: the work dir is or contains the input {given}; choose another work dir")
 
 
 def _images_found_since(work_dir: Path) -> str | None:

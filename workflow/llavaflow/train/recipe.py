@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,31 @@ class Recipe:
                 "checkpoint_every_n_layers", "packing", "fused_loss", "fused_optimizer", "compile",
                 "offload_optimizer", "report_to")
 
+    POSITIVE = ("max_length", "micro_batch_size", "accumulative_counts", "epochs", "save_steps", "log_interval",
+                "checkpoint_every_n_layers", "projector_depth")
+
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """A recipe from a mapping (a config section, a recipe file), every key checked and named: a value
+        of the wrong kind would otherwise fail deep in training, after the work dir was prepared."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
         if unknown:
             raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        missing = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING
+                   and name not in d]
+        if missing:
+            raise ValueError(f"recipe key(s) {missing}: missing")
+        for key, value in d.items():
+            default = known[key].default
+            kinds = (int, float) if type(default) is float else (type(default),)
+            if isinstance(default, (bool, int, float)) and not isinstance(value, kinds) and not (
+                    key in ("gradient_checkpointing", "fused_optimizer") and isinstance(value, str)):
+                raise ValueError(f"recipe key {key}: expected {kinds[-1].__name__}, got {value!r}")
+            if isinstance(value, bool) and type(default) in (int, float):
+                raise ValueError(f"recipe key {key}: expected a number, got {value!r}")
+            if key in cls.POSITIVE and value < 1:
+                raise ValueError(f"recipe key {key}: must be at least 1, got {value!r}")
         for key, why in combination_errors(d).items():
             raise ValueError(f"recipe key {key}: {why}")
         return cls(**d)

@@ -38,13 +38,24 @@ def prune_checkpoints(work_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def check_work_dir_is_ours(work_dir: Path) -> None:
+    """A work dir of ours has fingerprint.json, written first: any other non-empty folder is someone's."""
+    if work_dir.is_dir() and not (work_dir / "fingerprint.json").exists() and any(work_dir.iterdir()):
+        raise ValueError(f"{work_dir}: not empty and not a work dir of ours (no fingerprint.json); "
+                         "choose another --work-dir")
+
+
 def prepare_work_dir(work_dir: Path, fingerprint: dict, *, stale_because: str | None = None) -> None:
     """Keep a work dir whose fingerprint matches; move any other aside, so a config change starts fresh.
     `stale_because` says why a matching one is stale all the same (its inputs changed in a way that the
     fingerprint cannot see)."""
     fp_file = work_dir / "fingerprint.json"
     if work_dir.exists():
-        old = json.loads(fp_file.read_text()) if fp_file.exists() else None
+        check_work_dir_is_ours(work_dir)
+        try:
+            old = json.loads(fp_file.read_text()) if fp_file.exists() else None
+        except json.JSONDecodeError:  # torn by a kill while it was written: ours, set aside below
+            old = None
         if old == fingerprint and not stale_because:
             return
         if any(work_dir.iterdir()):
