@@ -1,5 +1,7 @@
 """The LLaVA module: feature splicing, count checks, text-only samples, trainable parts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,3 +84,33 @@ def test_trainable_parts_and_checkpoint_filter(tiny):
     assert any(k.startswith("visual_encoder.") for k in keys)
     with pytest.raises(ValueError, match="unknown model parts"):
         m.set_trainable(["vit"])
+
+
+def test_a_folder_whose_weights_do_not_cover_its_config_is_refused(converted, tmp_path):
+    """transformers fills weights missing from the files with random values and only logs it: a config.json
+    that asks for one layer more (LLM, vision tower, or the HF export's text model) would run and score."""
+    import json
+    import shutil
+
+    from llavaflow.chat import HFBackend
+    from llavaflow.model.loading import FolderError, load_xtuner_llava
+
+    def one_layer_more(config: Path, *keys):
+        cfg = json.loads(config.read_text())
+        node = cfg
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] += 1
+        config.write_text(json.dumps(cfg))
+
+    for part, keys in ((".", ("num_hidden_layers",)), ("visual_encoder", ("num_hidden_layers",))):
+        folder = tmp_path / f"xtuner_{part.strip('.') or 'llm'}"
+        shutil.copytree(converted["out"] / "iter_xtuner", folder)
+        one_layer_more(folder / part / "config.json", *keys)
+        with pytest.raises(FolderError, match=r"weight\(s\) that its config.json asks for are not in its files"):
+            load_xtuner_llava(folder)
+    hf = tmp_path / "iter_hf"
+    shutil.copytree(converted["out"] / "iter_hf", hf)
+    one_layer_more(hf / "config.json", "text_config", "num_hidden_layers")
+    with pytest.raises(FolderError, match=r"iter_hf: \d+ weight\(s\) .* \(e\.g\. .*layers\.\d+\."):
+        HFBackend(str(hf), torch.float32, "cpu")

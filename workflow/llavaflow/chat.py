@@ -57,7 +57,9 @@ class HFBackend:
     def __init__(self, folder: str, dtype, device):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
+        from .model.loading import from_pretrained_complete
+
+        self.model = from_pretrained_complete(AutoModelForImageTextToText, folder, dtype=dtype).to(device).eval()
         self.processor = AutoProcessor.from_pretrained(folder)
         self.tokenizer = self.processor.tokenizer
 

@@ -21,7 +21,9 @@ def build_llava(llm_path: str, vision_path: str, projector_depth: int = 2, visua
     from transformers import AutoModelForCausalLM, CLIPVisionModel
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, **kwargs)
-    vit = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+    from .loading import from_pretrained_complete
+
+    llm = from_pretrained_complete(AutoModelForCausalLM, llm_path, dtype=dtype, **kwargs)
+    vit = from_pretrained_complete(CLIPVisionModel, vision_path, dtype=dtype)
     projector = new_projector(vit.config.hidden_size, llm.config.hidden_size, projector_depth, visual_select_layer).to(dtype)
     return LlavaModel(llm, vit, projector, visual_select_layer)

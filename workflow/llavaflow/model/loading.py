@@ -21,6 +21,18 @@ class FolderError(ValueError):
     pass
 
 
+def from_pretrained_complete(model_class, folder, **kwargs):
+    """model_class.from_pretrained, refusing a folder whose files lack weights its config asks for:
+    transformers fills those with random values and only logs it, so a wrong config.json (a layer count,
+    a truncated copy) would run, answer and score as if it were the model."""
+    model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise FolderError(f"{folder}: {len(missing)} weight(s) that its config.json asks for are not in its files "
+                          f"(e.g. {missing[0]}): the config does not describe these weights, or the copy is incomplete")
+    return model
+
+
 SELECT_FEATURES = ("patch",)  # LlavaModel.encode_images drops CLS, as xtuner and LLaVA-1.5 do
 
 
@@ -105,8 +117,8 @@ def load_xtuner_llava(folder: str | Path, dtype: torch.dtype = torch.float32, vi
     if visual_select_layer is not None:
         projector_config.visual_select_layer = visual_select_layer
     check_fit(projector_config, CLIPVisionConfig.from_pretrained(vit_path), AutoConfig.from_pretrained(folder), folder)
-    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    vit = CLIPVisionModel.from_pretrained(vit_path, dtype=dtype)
+    llm = from_pretrained_complete(AutoModelForCausalLM, folder, dtype=dtype)
+    vit = from_pretrained_complete(CLIPVisionModel, vit_path, dtype=dtype)
     projector = load_projector(folder / "projector", dtype)
     model = LlavaModel(llm, vit, projector, projector_config.visual_select_layer).to(device)
     model.requires_grad_(False)
