@@ -241,6 +241,14 @@ def test_bad_inputs_stop_with_a_clear_error_and_no_output(tiny, converted, tmp_p
     (broken / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(ConversionError, match="cannot read safetensors file"):
         phi_to_llama(broken, tmp_path / "out")
+    # a config without a shape field (Llama would take its own default: 32 layers)
+    shapeless = tmp_path / "shapeless"
+    shutil.copytree(converted["out"] / "iter_xtuner", shapeless)
+    cfg = json.loads((shapeless / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (shapeless / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=r"shapeless/config.json: no num_hidden_layers in config.json"):
+        phi_to_llama(shapeless, tmp_path / "out")
     # a folder that is not Phi-3
     with pytest.raises(ConversionError, match="not 'phi3'"):
         phi_to_llama(converted["out"] / "iter_xtuner_llama_llm", tmp_path / "out")

@@ -476,3 +476,16 @@ def test_a_bad_setting_or_another_datasets_work_dir_is_refused_before_the_cache_
     with pytest.raises(ValueError, match=r"theirs: holds predictions.csv, which no evaluation of ours wrote"):
         evaluate(None, None, None, tsv, theirs)
     assert (theirs / "predictions.csv").read_text() == "my results"
+
+
+def test_a_folder_or_another_encoding_as_the_benchmark_is_named(tsv, tmp_path):
+    import argparse
+
+    from llavaflow.cli import _existing_file
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder, not a file"):  # --data-path's type
+        _existing_file(str(tmp_path))
+    utf16 = tmp_path / "MMBench_DEV_EN.tsv"
+    utf16.write_text(tsv.read_text(), encoding="utf-16")
+    with pytest.raises(BenchmarkError, match=r"MMBench_DEV_EN.tsv: not UTF-8 text at byte 0 .*is it a TSV"):
+        read_benchmark(utf16)

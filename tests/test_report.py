@@ -198,3 +198,17 @@ def test_curve_titles_count_iterations_not_logged_rows(tmp_path):
     fig = training_figure({"pretrain": tmp_path / "metrics.jsonl"}, tmp_path / "curves.png")
     assert fig.axes[0].get_title() == "pretrain (40 iterations)"
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["per logged row", "moving mean"]
+
+
+def test_report_inputs_that_are_not_ours_are_named(tmp_path):
+    from llavaflow.report import ReportError, mmbench_table, read_metrics, runtime_table
+
+    (tmp_path / "summary.json").write_text('{"rows": 3}')
+    with pytest.raises(ReportError, match=r"summary.json: not an evaluation summary of llavaflow mmbench \(no dataset, policy"):
+        mmbench_table([tmp_path / "summary.json"])
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "lo\n')
+    with pytest.raises(ReportError, match=r"metrics.jsonl:2: not a JSON training record"):
+        read_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "predictions.csv").write_text("index,prediction\n1,A\n")
+    with pytest.raises(ReportError, match=r"predictions.csv: not a Snakemake benchmark file"):
+        runtime_table([tmp_path / "predictions.csv"])

@@ -84,8 +84,18 @@ def _model_ref(text: str) -> str:
     return text
 
 
-def _existing_file(text: str) -> str:
+def _existing_path(text: str) -> str:
+    """A file or folder that must exist (a DeepSpeed checkpoint iter_N.pth is a folder)."""
     if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
+    if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return text
 
@@ -148,7 +158,7 @@ def _add_convert(sub) -> None:
     conv = c.add_subparsers(dest="conversion", required=True)
     p = conv.add_parser("pth_to_hf", help="iter_N.pth (file or DeepSpeed dir) -> xtuner-style HF folder")
     p.add_argument("config", nargs="?", help="llavaflow config YAML naming the base LLM and visual encoder")
-    p.add_argument("pth_model", type=_existing_file)
+    p.add_argument("pth_model", type=_existing_path)
     p.add_argument("save_dir")
     p.add_argument("--llm", type=_model_ref, help="base LLM (hub id or folder); overrides CONFIG")
     p.add_argument("--visual-encoder", type=_model_ref, help="base CLIP vision model; overrides CONFIG")
@@ -353,6 +363,8 @@ def cmd_report(args) -> None:
     if args.metrics:  # the report rule: its inputs named by the DAG
         if not (args.out and args.benchmarks and args.summaries):
             raise SystemExit("llavaflow report: --metrics needs --out, --benchmarks and --summaries")
+        if any("=" not in m for m in args.metrics):
+            raise SystemExit(f"llavaflow report: --metrics takes STAGE=FILE, got {next(m for m in args.metrics if '=' not in m)!r}")
         render_report(metrics=dict(m.split("=", 1) for m in args.metrics), summaries=args.summaries,
                       benchmarks=args.benchmarks, out_dir=args.out)
         return

@@ -39,9 +39,13 @@ class ReportError(ValueError):
 
 def read_summary(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        summary = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{path}: not a readable evaluation summary ({e}); rerun that evaluation") from None
+    missing = [k for k in ("dataset", "rows", "policy", "extraction") if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ReportError(f"{path}: not an evaluation summary of llavaflow mmbench (no {', '.join(missing)})")
+    return summary
 
 
 def mmbench_table(summaries: list[str | Path]) -> pd.DataFrame:
@@ -58,10 +62,16 @@ def mmbench_table(summaries: list[str | Path]) -> pd.DataFrame:
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     if not lines:
         raise ReportError(f"{path}: no training records")
-    return pd.DataFrame([json.loads(line) for line in lines])
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}:{n}: not a JSON training record ({e})") from None
+    return pd.DataFrame(records)
 
 
 def _job_name(path: Path) -> str:
@@ -76,6 +86,8 @@ def runtime_table(benchmarks: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in benchmarks:
         b = pd.read_csv(path, sep="\t")
+        if "s" not in b.columns or "max_rss" not in b.columns or b.empty:
+            raise ReportError(f"{path}: not a Snakemake benchmark file (no 's' and 'max_rss' columns)")
         rows.append({"job": _job_name(Path(path)), "seconds": round(float(b["s"].iloc[0]), 1),
                      "cpu_seconds": round(float(b["cpu_time"].iloc[0]), 1) if "cpu_time" in b else None,
                      "max_rss_mb": b["max_rss"].iloc[0]})

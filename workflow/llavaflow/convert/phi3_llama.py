@@ -30,9 +30,16 @@ def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+# What the Llama model's shapes come from: without one, Llama would take its own default (32 layers, ...)
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def check_phi3(cfg: dict, where) -> None:
     if cfg.get("model_type") != "phi3":
         raise ConversionError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'phi3'; not a Phi-3 model")
+    missing = [k for k in SHAPE_FIELDS if k not in cfg]
+    if missing:
+        raise ConversionError(f"{where}: no {', '.join(missing)} in config.json; the model's shapes cannot be known")
     rope = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if rope.get("type", rope.get("rope_type", "default")) not in (None, "default"):
         raise ConversionError(f"{where}: rope scaling {rope} (LongRoPE, 128k models) has no Llama equivalent")
@@ -66,7 +73,8 @@ def split_tensor(name: str, tensor, cfg: dict) -> list[tuple[str, object]]:
     if name.endswith("rotary_emb.inv_freq"):
         return []
     if name.endswith("self_attn.qkv_proj.weight"):
-        hd, nh, nkv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        nh = cfg["num_attention_heads"]
+        hd, nkv = head_dim(cfg), cfg.get("num_key_value_heads") or nh  # absent: no grouping, as in Phi3Config
         sizes = [nh * hd, nkv * hd, nkv * hd]
         if tensor.shape[0] != sum(sizes):
             raise ConversionError(f"{name}: {tuple(tensor.shape)} does not split into q/k/v of {sizes} rows")

@@ -41,7 +41,10 @@ def read_benchmark(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, sep="\t")
     except pd.errors.EmptyDataError:
         raise BenchmarkError(f"{path}: the file is empty") from None
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(f"{path}: not UTF-8 text at byte {e.start} ({e.reason}): is it a TSV (not xlsx, not "
+                             "UTF-16)?") from None
+    except (OSError, pd.errors.ParserError) as e:
         raise BenchmarkError(f"{path}: cannot parse as a tab-separated file ({e}); a file cut inside a quoted "
                              "field reads this way: fetch it again") from None
     # Column names: l2-category is matched case-insensitively; option letters stay upper case.
