@@ -247,11 +247,22 @@ def test_bad_inputs_stop_with_a_clear_error_and_no_output(tiny, converted, tmp_p
     cfg = json.loads((shapeless / "config.json").read_text())
     del cfg["num_hidden_layers"]
     (shapeless / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match=r"shapeless/config.json: no num_hidden_layers in config.json"):
+    with pytest.raises(ConversionError, match=r"shapeless/config.json: no num_hidden_layers: the model's shapes cannot be known"):
         phi_to_llama(shapeless, tmp_path / "out")
     # a folder that is not Phi-3
     with pytest.raises(ConversionError, match="not 'phi3'"):
         phi_to_llama(converted["out"] / "iter_xtuner_llama_llm", tmp_path / "out")
+    # a vision config.json without its layer count (CLIPVisionConfig takes 12) or with another patch size
+    for key, value, expected in (("num_hidden_layers", None, r"\d+ tensor\(s\) its config.json asks for are not in its files"),
+                                 ("patch_size", 7, r".*patch_embedding.weight has shape .*, its config.json says")):
+        vit = tmp_path / f"vit_{key}"
+        shutil.copytree(converted["out"] / "iter_xtuner" / "visual_encoder", vit)
+        cfg = json.loads((vit / "config.json").read_text())
+        cfg.pop(key) if value is None else cfg.update({key: value})
+        (vit / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConversionError, match=f"vit_{key}: " + expected):
+            to_hf(converted["out"] / "iter_xtuner_llama_llm", vit,
+                  converted["out"] / "iter_xtuner" / "projector" / "model.safetensors", tmp_path / "out")
     # exports want the Llama LLM
     with pytest.raises(ConversionError, match="convert Phi-3 with phi_to_llama first"):
         to_hf(converted["out"] / "iter_xtuner", tiny["vit"], converted["out"] / "iter_xtuner" / "projector" / "model.safetensors", tmp_path / "out")

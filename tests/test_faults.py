@@ -89,6 +89,7 @@ def test_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (["convert", "pth_to_hf", "x.pth", "out", "--llm", "/no/such/llm"], "argument pth_model: x.pth: no such file"),
     (["convert", "to_hf", "--text_model_id", "/no/llama", "--vision_model_id", "/no/vit", "--projector_weight", "p",
       "--save_path", "o"], "argument --text_model_id: /no/llama: no such folder"),
+    (["convert", "to_gguf", "/no/xtuner", "out"], "argument xtuner_folder: /no/xtuner: no such folder"),
 ])
 def test_missing_local_paths_are_named_as_missing(args, message, capsys):
     from llavaflow.cli import main

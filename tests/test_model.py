@@ -109,6 +109,12 @@ def test_a_folder_whose_weights_do_not_cover_its_config_is_refused(converted, tm
         one_layer_more(folder / part / "config.json", *keys)
         with pytest.raises(FolderError, match=r"weight\(s\) that its config.json asks for are not in its files"):
             load_xtuner_llava(folder)
+    cut = tmp_path / "xtuner_cut"
+    shutil.copytree(converted["out"] / "iter_xtuner", cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FolderError, match=r"xtuner_cut: cannot read its weights .*incomplete or damaged"):
+        load_xtuner_llava(cut)
     hf = tmp_path / "iter_hf"
     shutil.copytree(converted["out"] / "iter_hf", hf)
     one_layer_more(hf / "config.json", "text_config", "num_hidden_layers")

@@ -193,7 +193,7 @@ def _add_convert(sub) -> None:
             p.add_argument("--mm_vision_tower", help="hub id or folder LLaVA builds the tower from (default: vision_model_id)")
         p.set_defaults(func=cmd_export, format=fmt)
     p = conv.add_parser("to_gguf", help="xtuner folder (Phi-3 LLM) -> GGUF LLM + mmproj (+ quantized, Modelfile) for llama.cpp/Ollama")
-    p.add_argument("xtuner_folder", help="results/iter_xtuner: LLM, visual_encoder/, projector/")
+    p.add_argument("xtuner_folder", type=_folder, help="results/iter_xtuner: LLM, visual_encoder/, projector/")
     p.add_argument("save_path")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="LLM tensor type (mmproj: f32 if f32, else f16)")
     p.add_argument("--quantize", nargs="*", default=[], help="llama.cpp quantized variants, e.g. Q4_K_M Q8_0 (needs llama-cpp-python or llama-quantize)")

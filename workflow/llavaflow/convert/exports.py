@@ -63,6 +63,30 @@ def _check_llama(text_model: Path) -> dict:
     return cfg
 
 
+def _check_weights_fit_configs(text_model: Path, vision_model: Path, vision_cfg) -> None:
+    """Every tensor the configs ask for is in the files, in its shape: a config.json that says one layer more or
+    lacks a key (CLIPVisionConfig then takes CLIP-B's defaults) would give an export that does not load, or
+    loads with random layers. Extra tensors (an old CLIP's position_ids, a full CLIP's text side) are let be."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+
+    with torch.device("meta"):
+        expected = {
+            text_model: {k: tuple(v.shape) for k, v in
+                         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(text_model)).state_dict().items()},
+            vision_model: {clip_legacy(k): tuple(v.shape) for k, v in CLIPVisionModel(vision_cfg).state_dict().items()},
+        }
+    for folder, shapes in expected.items():
+        found = {clip_legacy(n) if folder == vision_model else n: tuple(t.shape) for n, t in iter_tensors(folder)}
+        missing = sorted(set(shapes) - set(found))
+        if missing:
+            raise ConversionError(f"{folder}: {len(missing)} tensor(s) its config.json asks for are not in its files "
+                                  f"(e.g. {missing[0]}): the config does not describe these weights")
+        for name, shape in shapes.items():
+            if found[name] != shape:
+                raise ConversionError(f"{folder}: {name} has shape {found[name]}, its config.json says {shape}")
+
+
 # LlavaModel's select feature -> HF vision_feature_select_strategy (LLaVA's mm_vision_select_feature is the same word).
 HF_SELECT_STRATEGY = {"patch": "default"}
 
@@ -129,6 +153,7 @@ def to_hf(text_model_id, vision_model_id, projector_weight, save_path, dtype: st
     text_cfg = _check_llama(text_model)
     vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
     proj = _projector_facts(projector_weight, vision_cfg, text_cfg, visual_select_layer)
+    _check_weights_fit_configs(text_model, vision_model, vision_cfg)
     try:
         table = xtuner_to_hf(proj.depth)
     except UnsupportedProjector as e:
@@ -196,6 +221,7 @@ def to_llava(text_model_id, vision_model_id, projector_weight, save_path, mm_vis
     text_cfg = _check_llama(text_model)
     vision_cfg = CLIPVisionConfig.from_pretrained(vision_model)
     proj = _projector_facts(projector_weight, vision_cfg, text_cfg, visual_select_layer)
+    _check_weights_fit_configs(text_model, vision_model, vision_cfg)
     try:
         projector_type = llava_mm_projector_type(proj.depth, proj.hidden_act, proj.bias)
     except UnsupportedProjector as e:

@@ -37,9 +37,6 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 def check_phi3(cfg: dict, where) -> None:
     if cfg.get("model_type") != "phi3":
         raise ConversionError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'phi3'; not a Phi-3 model")
-    missing = [k for k in SHAPE_FIELDS if k not in cfg]
-    if missing:
-        raise ConversionError(f"{where}: no {', '.join(missing)} in config.json; the model's shapes cannot be known")
     rope = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if rope.get("type", rope.get("rope_type", "default")) not in (None, "default"):
         raise ConversionError(f"{where}: rope scaling {rope} (LongRoPE, 128k models) has no Llama equivalent")
@@ -97,6 +94,9 @@ def phi_to_llama(phi_path: str | Path, save_path: str | Path, max_shard_size: in
     check_output(Path(save_path), [phi_path], overwrite)
     cfg = read_json(phi_path / "config.json")
     check_phi3(cfg, phi_path / "config.json")
+    missing = [k for k in SHAPE_FIELDS if k not in cfg]
+    if missing:
+        raise ConversionError(f"{phi_path / 'config.json'}: no {', '.join(missing)}: the model's shapes cannot be known")
     window = cfg.get("sliding_window")
     if window:
         log.warning(SLIDING_WINDOW_CAVEAT.format(w=window))

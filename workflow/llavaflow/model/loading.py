@@ -25,7 +25,12 @@ def from_pretrained_complete(model_class, folder, **kwargs):
     """model_class.from_pretrained, refusing a folder whose files lack weights its config asks for:
     transformers fills those with random values and only logs it, so a wrong config.json (a layer count,
     a truncated copy) would run, answer and score as if it were the model."""
-    model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except SafetensorError as e:  # names no file: a shard cut short, or not safetensors
+        raise FolderError(f"{folder}: cannot read its weights ({e}); the copy is incomplete or damaged") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise FolderError(f"{folder}: {len(missing)} weight(s) that its config.json asks for are not in its files "
