@@ -44,7 +44,8 @@ def main() -> None:
     from llavaflow.train.recipe import Recipe
     from llavaflow.train.schedule import lr_at
 
-    build_tiny_assets(out / "assets", out / "mmbench", list(DATASETS), seed=0, mc_style=args.answer)
+    # the bench's own folder: a rerun rebuilds it
+    build_tiny_assets(out / "assets", out / "mmbench", list(DATASETS), seed=0, mc_style=args.answer, overwrite=True)
     assets = out / "assets"
     recipe = Recipe(stage="finetune", llm=str(assets / "llm"), visual_encoder=str(assets / "vit"),
                     datasets=[{"annotation": str(assets / "data/finetune/conversations.jsonl"),

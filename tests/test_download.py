@@ -224,6 +224,10 @@ def test_entries_stay_inside_the_root_and_a_file_already_there_is_kept(server, t
     assert (tmp_path / "u.txt").read_bytes() == b"served"
     [aside] = tmp_path.glob("u.txt.unverified-*")
     assert aside.read_bytes() == b"user content"
+    (tmp_path / "d.zip").mkdir()
+    with pytest.raises(DownloadError, match=r"d.zip: is a folder; the entry fetches a file there"):
+        download([Entry(dest="d.zip", url=server.url + "/u.txt")], tmp_path)
+    assert (tmp_path / "d.zip").is_dir()
 
 
 def test_unchanged_rerun_transfers_nothing(server, tmp_path):
@@ -337,6 +341,8 @@ def test_data_check_never_writes_over_its_inputs(tmp_path):
         check_data(sources, ann)
     assert main(["check-data", "--sources", json.dumps(sources), "--report", str(tmp_path / "r.tsv"),
                  "--out", str(ann)]) == 1
+    assert main(["check-data", "--sources", json.dumps(sources), "--report", str(ann), "--out",
+                 str(tmp_path / "o.json")]) == 1
     assert main(["check-data", "--sources", '{"annotation": 1}', "--report", str(tmp_path / "r.tsv"),
                  "--out", str(tmp_path / "o.json")]) == 1
     assert ann.read_bytes() == before and not (tmp_path / "o.json").exists()

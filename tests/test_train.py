@@ -515,8 +515,11 @@ def test_recipe_files_with_bad_values_are_named(tmp_path):
         (tmp_path / f"r{i}.json").write_text(text)
         with pytest.raises(ArgumentError, match=expected):
             _load_recipe(str(tmp_path / f"r{i}.json"))
-    with pytest.raises(ArgumentError, match=r"--set: not valid JSON"):
+    with pytest.raises(ArgumentError, match=r"^--set: not valid JSON"):
         _load_recipe(json.dumps(base), "{lr: 1}")
+    (tmp_path / "good.json").write_text(json.dumps(base))
+    with pytest.raises(ArgumentError, match=r"^--set: recipe key save_steps: expected int, got 'x'$"):  # not the file's
+        _load_recipe(str(tmp_path / "good.json"), '{"save_steps": "x"}')
 
 
 def test_fsync_tree_flushes_every_file_and_folder(tmp_path, monkeypatch):

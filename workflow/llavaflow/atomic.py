@@ -100,7 +100,11 @@ def atomic_output(out: str | Path, *, folder: bool = True, inputs=(), overwrite:
             # folder stays as .NAME.old-PID (never removed automatically: it may hold the user's data).
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the previous result stays where it was
+                raise
             shutil.rmtree(old)
             return
         if folder and (out.is_symlink() or out.exists()):

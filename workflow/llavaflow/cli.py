@@ -41,9 +41,16 @@ def _load_recipe(value: str, overrides: str | None = None):
         if not isinstance(data, dict):
             raise ArgumentError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     try:
-        return Recipe.from_dict({**data, **(_json_arg("--set", overrides, dict) if overrides else {})})
+        recipe = Recipe.from_dict(data)  # the file alone first: its errors are the file's
     except ValueError as e:
         raise ArgumentError(f"{where}: {e}") from None
+    if not overrides:
+        return recipe
+    extra = _json_arg("--set", overrides, dict)
+    try:
+        return Recipe.from_dict({**data, **extra})
+    except ValueError as e:
+        raise ArgumentError(f"--set: {e}") from None
 
 
 def cmd_train(args) -> None:
@@ -303,13 +310,18 @@ def cmd_download(args) -> None:
 
 
 def cmd_check_data(args) -> None:
-    from .data.check import check_data
+    from .data.check import check_data, failed_report
 
     from .atomic import atomic_output, check_output
 
     sources = _json_arg("--sources", args.sources, list)
-    inputs = [src.get(k) for src in sources if isinstance(src, dict) for k in ("annotation", "image_folder")]
-    check_output(Path(args.out), inputs, overwrite=True)  # before the check: the counts never replace an input
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict) or not isinstance(src.get("annotation"), str) or \
+                not isinstance(src.get("image_folder", ""), str):
+            raise ArgumentError(f"--sources[{i}]: expected {{\"annotation\": PATH, \"image_folder\": PATH}}, got {src!r}")
+    inputs = [src.get(k) for src in sources for k in ("annotation", "image_folder")]
+    for out in (Path(args.out), Path(args.report), failed_report(Path(args.report))):
+        check_output(out, inputs, overwrite=True)  # before the check (hours on real data): never over an input
     counts = check_data(sources, args.report, args.on_bad_sample)
     with atomic_output(Path(args.out), folder=False, inputs=inputs, overwrite=True) as tmp:
         tmp.write_text(json.dumps(counts, indent=1))

@@ -259,10 +259,12 @@ def fetch(entry: Entry, root: Path, session: requests.Session, position: int = 0
     if verified(dest, entry):
         how = "already in place"
     else:
+        if dest.is_dir():
+            raise DownloadError(f"{dest}: is a folder; the entry fetches a file there (move the folder or fix dest)")
         if dest.exists():  # not what the checksum says: an older version, or someone's file; kept, never replaced
             aside = dest.with_name(f"{dest.name}.unverified-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(dest, aside)
-            log.warning("%s does not match its %s: moved aside as %s before fetching it", dest, _checksum(entry)[0], aside)
+            log.warning("%s does not match its checksum: moved aside as %s before fetching it", dest, aside)
         errors = []
         for url in [entry.url, *entry.mirrors]:
             try:

@@ -332,7 +332,7 @@ def build_tiny_assets(out: Path, mmbench_dir: Path, datasets: list[str], seed: i
     """Build llm/, vit/ and data/{pretrain,finetune} under `out`, and one TSV per dataset in mmbench_dir.
 
     An existing `out`, or a TSV of that name (a real benchmark file would be replaced by a synthetic one
-    and scored as it), is refused unless `overwrite`; everything appears whole or not at all."""
+    and scored as it), is refused unless `overwrite`; each of them appears whole or not at all."""
     out, mmbench_dir = Path(out), Path(mmbench_dir)
     tsvs = [mmbench_dir / f"{name}.tsv" for name in datasets]
     for tsv in tsvs:  # all checked before anything is built

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from safetensors import safe_open
 
 from ..atomic import atomic_output, check_output
-from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, write_json
+from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, tensor_shapes, write_json
 from .tokenizer_files import copy_tokenizer, generation_config
 from .tables import CLIP_NOT_VISION, UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
@@ -77,7 +77,7 @@ def _check_weights_fit_configs(text_model: Path, vision_model: Path, vision_cfg)
             vision_model: {clip_legacy(k): tuple(v.shape) for k, v in CLIPVisionModel(vision_cfg).state_dict().items()},
         }
     for folder, shapes in expected.items():
-        found = {clip_legacy(n) if folder == vision_model else n: tuple(t.shape) for n, t in iter_tensors(folder)}
+        found = {clip_legacy(n) if folder == vision_model else n: shape for n, shape in tensor_shapes(folder)}
         missing = sorted(set(shapes) - set(found))
         if missing:
             raise ConversionError(f"{folder}: {len(missing)} tensor(s) its config.json asks for are not in its files "

@@ -29,6 +29,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+def tensor_shapes(folder: Path) -> Iterator[tuple[str, tuple]]:
+    """(name, shape) of every tensor of a safetensors folder, from the headers alone (no tensor is read)."""
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise ConversionError(f"{path}: cannot read safetensors file ({e})") from e
+        yield from shapes
+
+
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a safetensors folder, one tensor in memory at a time."""
     for path in safetensors_files(folder):
