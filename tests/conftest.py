@@ -64,6 +64,15 @@ def tiny(tmp_path_factory):
     }
 
 
+@pytest.fixture
+def subset(tiny, tmp_path):
+    """The first 48 fine-tune samples, so a run takes seconds."""
+    src = tiny["data"] / "finetune" / "conversations.jsonl"
+    dst = tmp_path / "subset.jsonl"
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:48]))
+    return [{"annotation": str(dst), "image_folder": str(tiny["data"] / "finetune")}]
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny):
     from transformers import AutoTokenizer

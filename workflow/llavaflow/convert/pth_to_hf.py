@@ -125,7 +125,7 @@ def write_llm(plan: _Plan, out: Path, dtype: torch.dtype, shard_bytes: int, name
     config.save_pretrained(out)
     # xtuner's convert_phi_to_llama.py pops _name_or_path (KeyError without it); transformers 5 omits it.
     # Phi-3's hub config names remote code (auto_map) whose .py files are not copied: xtuner's chat and
-    # mmbench load with trust_remote_code=True and would look for them. The model type is native (AutoConfig
+    # mmbench load allowing remote code and would look for them. The model type is native (AutoConfig
     # read it without remote code), so the entry goes.
     cfg = {k: v for k, v in read_json(out / "config.json").items() if k != "auto_map"}
     write_json(out / "config.json", {"_name_or_path": name_or_path, **cfg})
