@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_train import metrics, recipe, subset, torchrun  # noqa: F401 (subset: a fixture)
+from test_train import metrics, recipe, torchrun
 
 
 def test_tensorboard_mlflow_and_wandb_receive_the_recipe_and_every_row(tiny, subset, tmp_path, monkeypatch):
