@@ -53,18 +53,25 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def held_input(folder: Path, inputs):
+    """The first of `inputs` that `folder` is or contains (replacing or moving the folder would take it along)."""
+    target = Path(folder).resolve()
+    for given in inputs:
+        if given is not None:
+            inp = Path(given).expanduser().resolve()
+            if inp == target or target in inp.parents:
+                return given
+    return None
+
+
 def check_output(out: Path, inputs=(), overwrite: bool = False) -> None:
     """Refuse, before anything is written, an output that would destroy data we did not create: an
     existing non-empty folder or a file (unless `overwrite`), and always one that is or holds an input."""
     out = Path(out)
-    target = out.resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        inp = Path(given).resolve()
-        if inp == target or target in inp.parents:
-            raise OutputError(f"{out}: the output is or contains the input {given}; "
-                              "choose another output (replacing it would delete the input)")
+    given = held_input(out, inputs)
+    if given is not None:
+        raise OutputError(f"{out}: the output is or contains the input {given}; "
+                          "choose another output (replacing it would delete the input)")
     if overwrite:
         return
     if out.is_symlink() or (out.exists() and not out.is_dir()):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from safetensors import safe_open
 
 from ..atomic import atomic_output, check_output
-from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, read_json, tensor_shapes, write_json
+from .io import DTYPES, ConversionError, ShardWriter, iter_tensors, meta_shapes, read_json, tensor_shapes, write_json
 from .tokenizer_files import copy_tokenizer, generation_config
 from .tables import CLIP_NOT_VISION, UnsupportedProjector, clip_legacy, llava_mm_projector_type, rename, xtuner_to_hf, xtuner_to_llava
 
@@ -67,15 +67,13 @@ def _check_weights_fit_configs(text_model: Path, vision_model: Path, vision_cfg)
     """Every tensor the configs ask for is in the files, in its shape: a config.json that says one layer more or
     lacks a key (CLIPVisionConfig then takes CLIP-B's defaults) would give an export that does not load, or
     loads with random layers. Extra tensors (an old CLIP's position_ids, a full CLIP's text side) are let be."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
-    with torch.device("meta"):
-        expected = {
-            text_model: {k: tuple(v.shape) for k, v in
-                         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(text_model)).state_dict().items()},
-            vision_model: {clip_legacy(k): tuple(v.shape) for k, v in CLIPVisionModel(vision_cfg).state_dict().items()},
-        }
+    text_cfg = AutoConfig.from_pretrained(text_model)
+    expected = {
+        text_model: meta_shapes(lambda: AutoModelForCausalLM.from_config(text_cfg)),
+        vision_model: {clip_legacy(k): v for k, v in meta_shapes(lambda: CLIPVisionModel(vision_cfg)).items()},
+    }
     for folder, shapes in expected.items():
         found = {clip_legacy(n) if folder == vision_model else n: shape for n, shape in tensor_shapes(folder)}
         missing = sorted(set(shapes) - set(found))

@@ -29,6 +29,14 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+def meta_shapes(build) -> dict[str, tuple]:
+    """{name: shape} of every tensor of the model `build()` makes, built on the meta device (no memory): what a
+    config asks of the weights."""
+    with torch.device("meta"):
+        model = build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def tensor_shapes(folder: Path) -> Iterator[tuple[str, tuple]]:
     """(name, shape) of every tensor of a safetensors folder, from the headers alone (no tensor is read)."""
     for path in safetensors_files(folder):

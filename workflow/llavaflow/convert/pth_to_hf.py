@@ -15,7 +15,7 @@ import torch
 from ..atomic import atomic_output, check_output
 from ..model.checkpoint_reader import load_state_dict
 from .io import (DTYPES, TOKENIZER_FILES, ConversionError, ShardWriter, copy_files,
-                 local_folder, read_json, write_json)
+                 local_folder, meta_shapes, read_json, write_json)
 from .tables import CHECKPOINT_PREFIX, clip_legacy
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,6 @@ def split_checkpoint(state: dict) -> dict[str, dict]:
     return parts
 
 
-def _expected_shapes(model_cls, config) -> dict:
-    with torch.device("meta"):
-        model = model_cls(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def _check_shapes(what: str, tensors: dict, expected: dict, source) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -47,14 +41,6 @@ def _check_shapes(what: str, tensors: dict, expected: dict, source) -> None:
     for k, t in tensors.items():
         if tuple(t.shape) != expected[k]:
             raise ConversionError(f"{source}: {what} tensor {k} has shape {tuple(t.shape)}, config says {expected[k]}")
-
-
-def _llm_shapes(config) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def projector_config(tensors: dict, source, visual_select_layer: int = -2):
@@ -91,7 +77,7 @@ class _Plan:
 
     def __init__(self, parts: dict, llm: str, visual_encoder: str, source, visual_select_layer: int,
                  projector_depth: int | None):
-        from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
+        from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
         self.parts, self.source = parts, source
         self.llm_src = local_folder(llm, ["*.json", "tokenizer.model"])
@@ -100,10 +86,10 @@ class _Plan:
         self.vit_config = CLIPVisionConfig.from_pretrained(self.vit_src)
         if parts["llm"]:
             self.llm = {k: v for k, v in parts["llm"].items() if not k.endswith("rotary_emb.inv_freq")}
-            _check_shapes("LLM", self.llm, _llm_shapes(self.llm_config), source)
+            _check_shapes("LLM", self.llm, meta_shapes(lambda: AutoModelForCausalLM.from_config(self.llm_config)), source)
         if parts["visual_encoder"]:
             self.vit = {clip_legacy(k): v for k, v in parts["visual_encoder"].items()}
-            expected = {clip_legacy(k): v for k, v in _expected_shapes(CLIPVisionModel, self.vit_config).items()}
+            expected = {clip_legacy(k): v for k, v in meta_shapes(lambda: CLIPVisionModel(self.vit_config)).items()}
             _check_shapes("visual encoder", self.vit, expected, source)
         self.projector = projector_config(parts["projector"], source, visual_select_layer)
         if projector_depth is not None and projector_depth != self.projector.depth:

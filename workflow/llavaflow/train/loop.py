@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..atomic import fsync_tree
+from ..atomic import fsync_tree, held_input
 from ..constants import IMAGE_TOKEN_INDEX
 from ..data.collate import collate
 from ..data.dataset import DataError, LlavaDataset
@@ -253,11 +253,9 @@ def _check_inputs(recipe: Recipe, work_dir: Path, inputs: list) -> None:
             raise ValueError(f"recipe key datasets[{i}].annotation: {d['annotation']}: no such file")
         if d.get("image_folder") and not Path(d["image_folder"]).is_dir():
             raise ValueError(f"recipe key datasets[{i}].image_folder: {d['image_folder']}: no such folder")
-    target = work_dir.resolve()
-    for given in filter(None, inputs):
-        inp = Path(given).expanduser().resolve()
-        if inp == target or target in inp.parents:
-            raise ValueError(f"{work_dir}: the work dir is or contains the input {given}; choose another work dir")
+    given = held_input(work_dir, inputs)
+    if given is not None:
+        raise ValueError(f"{work_dir}: the work dir is or contains the input {given}; choose another work dir")
 
 
 def _images_found_since(work_dir: Path) -> str | None:
